@@ -1,0 +1,646 @@
+"""Structured CPM-Bee inputs ↔ token arrays: the one place that defines the prompt format.
+
+A CPM-Bee input is a string or a (nested) dict of strings. It becomes a tree of *segments*: segment 0 is the
+root (``"<root>"``), every dict key is a segment, and its value's segments hang below it (a string value is
+one leaf segment). Dicts are walked in insertion order. Each segment is tokenized as
+``<s> tokens </s>``; leaves under the top-level ``"<ans>"`` key are the answers the model must produce:
+they get no ``</s>`` and ``context = 0``.
+
+Every pair of segments gets a relation bucket from the tree (how far each is below their lowest common
+ancestor), which the model turns into an attention bias. Tokens that are not in the vocabulary (runs of
+unknown characters, special tokens such as ``<mask_3>``) are written as a *family* id (``<unk>``, ``<mask>``)
+plus a *sub* index, numbered per family in order of first appearance.
+
+Three consumers share these functions, and only these:
+
+* generation — ``encode_prompt`` removes the answer slots and ``collate_prompts`` left-pads a batch;
+* training — ``encode_sample`` + ``join_samples`` build instances, ``make_training_batch`` pads them into
+  rows with labels (``cpmbee.data`` packs many instances per row);
+* fine-tuning — ``prepare_for_finetune`` (one sample per row, as the model card's call).
+
+The arrays match the original implementation exactly (see tests/test_prompt.py against the golden files);
+malformed input raises ``ValueError`` naming the offending field, e.g. ``data['<ans>']['x']``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .tokenizer import CpmBeeTokenizer
+
+__all__ = [
+    "ANSWER_KEY",
+    "EncodedSample",
+    "ExtState",
+    "PromptBatch",
+    "PromptSample",
+    "TrainingBatch",
+    "TrainingSample",
+    "collate_prompts",
+    "encode_prompt",
+    "encode_sample",
+    "fill_answers",
+    "join_samples",
+    "make_training_batch",
+    "prepare_for_finetune",
+    "segment_relations",
+]
+
+CpmBeeInput = Union[str, Mapping[str, "CpmBeeInput"]]
+
+ANSWER_KEY = "<ans>"
+ROOT_TEXT = "<root>"
+DEFAULT_MAX_DEPTH = 8
+_PLACEHOLDER = re.compile(r"<ans_(\d+)>")
+
+
+# ---------------------------------------------------------------------------------------------------- tree
+@dataclass
+class _Segment:
+    text: str
+    depth: int
+    parent: int
+    predict: bool
+    where: str  # human-readable location, for error messages
+
+
+def _field(path: Sequence[str]) -> str:
+    return "data" + "".join(f"[{key!r}]" for key in path)
+
+
+def _build_segments(
+    data: Any, shuffle_answer: bool, rng: Any
+) -> list[_Segment]:
+    """Pre-order list of segments; segment 0 is the root."""
+    segments = [_Segment(ROOT_TEXT, 0, -1, False, "the root")]
+
+    def visit(value: Any, depth: int, parent: int, predict: bool, path: tuple[str, ...]) -> None:
+        if isinstance(value, Mapping):
+            items = list(value.items())
+            if predict and shuffle_answer:
+                order = np.arange(len(items))
+                (rng if rng is not None else np.random).shuffle(order)
+                items = [items[i] for i in order]
+            for key, child in items:
+                if not isinstance(key, str):
+                    raise ValueError(f"{_field(path)}: keys must be strings, got {type(key).__name__} {key!r}")
+                key_index = len(segments)
+                segments.append(_Segment(key, depth, parent, False, f"key {key!r} of {_field(path)}"))
+                # Only the top-level "<ans>" marks answers; a nested "<ans>" key is ordinary text.
+                visit(child, depth + 1, key_index, predict or (depth == 1 and key == ANSWER_KEY), (*path, key))
+        elif isinstance(value, str):
+            segments.append(_Segment(value, depth, parent, predict, _field(path)))
+        else:
+            shown = repr(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise ValueError(
+                f"{_field(path)}: expected a string or a dict of strings, got {type(value).__name__} {shown}"
+            )
+
+    visit(data, 1, 0, False, ())
+    return segments
+
+
+def segment_relations(parents: Sequence[int], depths: Sequence[int], max_depth: int = DEFAULT_MAX_DEPTH) -> np.ndarray:
+    """Flattened ``n × n`` relation buckets (row = query segment, column = key segment).
+
+    With ``c`` the lowest common ancestor of ``a`` and ``b``, ``up = min(depth[a] - depth[c], max_depth - 1)``
+    and ``down`` likewise for ``b``; the bucket is ``up * max_depth + down``, plus one when non-zero because
+    bucket 1 is kept for "another sample or span". A segment with itself is 0.
+    """
+    n = len(parents)
+    depth = np.asarray(depths, dtype=np.int64)
+    height = int(depth.max()) + 1 if n else 1
+    ancestors = np.full((n, height), -1, dtype=np.int64)  # ancestors[i, d] = ancestor of i at depth d
+    for i, p in enumerate(parents):
+        if p >= 0:
+            ancestors[i] = ancestors[p]
+        ancestors[i, depth[i]] = i
+    same = (ancestors[:, None, :] == ancestors[None, :, :]) & (ancestors[:, None, :] >= 0)
+    lca_depth = np.cumprod(same, axis=2).sum(axis=2) - 1  # (n, n)
+    up = np.minimum(depth[:, None] - lca_depth, max_depth - 1)
+    down = np.minimum(depth[None, :] - lca_depth, max_depth - 1)
+    bucket = up * max_depth + down
+    bucket = np.where(bucket == 0, 0, bucket + 1)
+    return bucket.reshape(-1).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------------- samples
+@dataclass
+class ExtState:
+    """Out-of-vocabulary bookkeeping of one sample, chained through its in-context samples.
+
+    ``ext_table`` maps tokenizer ext ids to their text; ``token_id_table`` maps a family token (``"<mask>"``)
+    to ``{ext id: sub}`` in order of first appearance.
+    """
+
+    ext_table: dict[int, str] = field(default_factory=dict)
+    token_id_table: dict[str, dict[int, int]] = field(default_factory=dict)
+
+    def copy(self) -> ExtState:
+        return ExtState(dict(self.ext_table), {k: dict(v) for k, v in self.token_id_table.items()})
+
+
+@dataclass
+class EncodedSample:
+    """One structured input as token arrays (all of length ``len(ids)`` except ``segment_rel``)."""
+
+    ids: np.ndarray  # int32, family id for ext tokens
+    subs: np.ndarray  # int32, sub index (0 for vocabulary tokens)
+    context: np.ndarray  # int8, 1 = given, 0 = to be predicted
+    segments: np.ndarray  # int32, segment index of each token
+    segment_rel: np.ndarray  # int32, flattened num_segments² relation buckets
+    num_segments: int
+    ext_state: ExtState
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def _family(text: str) -> str:
+    """``<mask_7>`` → ``<mask>``, ``<option>`` → ``<option>``; unknown-character runs → ``<unk>``."""
+    if text.startswith("<") and text.endswith(">"):
+        return "<" + text[1:-1].split("_", 1)[0] + ">"
+    return "<unk>"
+
+
+def encode_sample(
+    tokenizer: CpmBeeTokenizer,
+    data: CpmBeeInput,
+    *,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    shuffle_answer: bool = False,
+    rng: np.random.RandomState | None = None,
+    ext_state: ExtState | None = None,
+) -> EncodedSample:
+    """Encode a structured input.
+
+    Args:
+        tokenizer: a ``CpmBeeTokenizer``.
+        data: a string or a nested dict of strings.
+        max_depth: depth cap of the segment relations (8 as the released models; 16 allowed).
+        shuffle_answer: permute the items of every dict under ``<ans>`` (pre-training does, so the model
+            does not learn a fixed answer order). Uses ``rng.shuffle`` (legacy ``RandomState`` semantics,
+            the global numpy RNG when ``rng`` is None).
+        ext_state: state of an earlier sample to continue from (in-context samples share ext numbering);
+            it is not modified.
+    """
+    if max_depth < 2:
+        raise ValueError(f"max_depth must be at least 2, got {max_depth}")
+    segments = _build_segments(data, shuffle_answer, rng)
+    n = len(segments)
+    segment_rel = segment_relations([s.parent for s in segments], [s.depth for s in segments], max_depth)
+
+    state = ext_state.copy() if ext_state is not None else ExtState()
+    table, families = state.ext_table, state.token_id_table
+    reverse = {text: i for i, text in table.items()}
+    vocab, vocab_size = tokenizer.encoder, tokenizer.vocab_size
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+
+    ids: list[int] = []
+    subs: list[int] = []
+    lengths: list[int] = []
+    for seg in segments:
+        start = len(ids)
+        ids.append(bos)
+        try:
+            tokenizer._encode_into(seg.text, ids, table, reverse)
+        except ValueError as err:
+            raise ValueError(f"{seg.where}: {err}") from None
+        subs.append(0)
+        for k in range(start + 1, len(ids)):
+            token_id = ids[k]
+            if token_id < vocab_size:
+                subs.append(0)
+                continue
+            text = table[token_id]
+            family = _family(text)
+            members = families.setdefault(family, {})
+            sub = members.setdefault(token_id, len(members))
+            family_id = vocab.get(family)
+            if family_id is None:
+                raise ValueError(
+                    f"{seg.where}: invalid token {text!r}: its family {family!r} is not in the vocabulary"
+                    " (write a literal '<' as '<<')"
+                )
+            ids[k] = family_id
+            subs.append(sub)
+        if not seg.predict:
+            ids.append(eos)
+            subs.append(0)
+        lengths.append(len(ids) - start)
+
+    length_arr = np.asarray(lengths, dtype=np.int64)
+    context = np.repeat(np.asarray([0 if s.predict else 1 for s in segments], dtype=np.int8), length_arr)
+    return EncodedSample(
+        ids=np.asarray(ids, dtype=np.int32),
+        subs=np.asarray(subs, dtype=np.int32),
+        context=context,
+        segments=np.repeat(np.arange(n, dtype=np.int32), length_arr),
+        segment_rel=segment_rel,
+        num_segments=n,
+        ext_state=state,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+@dataclass
+class PromptSample:
+    """A structured input ready for generation: the given tokens and where the answers go."""
+
+    ids: np.ndarray
+    subs: np.ndarray
+    segments: np.ndarray
+    sample_ids: np.ndarray  # 0 for the main sample, k for the k-th in-context sample
+    num_segments: np.ndarray  # per token: number of segments of its sample
+    segment_rel_offset: np.ndarray  # per token: offset of its sample's table in `segment_rel`
+    segment_rel: np.ndarray
+    predict_segments: list[tuple[int, int]]  # (segment id, answer number ≥ 1), in sequence order
+    answer_paths: list[tuple[str, ...]]  # answer number k → keys below "<ans>" (empty: "<ans>" itself)
+    ext_state: ExtState
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def _with_placeholders(data: CpmBeeInput) -> tuple[dict[str, Any], list[tuple[str, ...]]]:
+    """Copy of ``data`` whose ``<ans>`` leaves are ``<ans_1>``, ``<ans_2>``, … (depth-first)."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"data must be a dict with an {ANSWER_KEY!r} key to generate, got {type(data).__name__}")
+    if ANSWER_KEY not in data:
+        raise ValueError(f"data has no {ANSWER_KEY!r} key: nothing to generate (add \"{ANSWER_KEY}\": \"\")")
+    paths: list[tuple[str, ...]] = []
+
+    def visit(value: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(value, Mapping):
+            if not value:
+                raise ValueError(f"{_field((ANSWER_KEY, *path))} is an empty dict: no answer slot to fill")
+            return {k: visit(v, (*path, k)) for k, v in value.items()}
+        paths.append(path)
+        return f"<ans_{len(paths)}>"
+
+    out = dict(data)
+    out[ANSWER_KEY] = visit(data[ANSWER_KEY], ())
+    return out, paths
+
+
+def encode_prompt(
+    tokenizer: CpmBeeTokenizer,
+    data: CpmBeeInput,
+    *,
+    samples: Sequence[CpmBeeInput] = (),
+    max_depth: int = DEFAULT_MAX_DEPTH,
+) -> PromptSample:
+    """Encode ``data`` for generation: answer slots become placeholders and are cut out of the input.
+
+    Whatever ``<ans>`` holds (``""``, a text, a dict of them) only gives the answer slots; existing text is
+    discarded. ``samples`` are in-context examples appended after the prompt (with filled answers).
+    """
+    filled, paths = _with_placeholders(data)
+    enc = encode_sample(tokenizer, filled, max_depth=max_depth)
+    answer_subs: dict[int, int] = {}
+    for ext_id, sub in enc.ext_state.token_id_table.get(ANSWER_KEY, {}).items():
+        match = _PLACEHOLDER.fullmatch(enc.ext_state.ext_table[ext_id])
+        if match:
+            answer_subs[sub] = int(match.group(1))
+    ans_id = tokenizer.encoder[ANSWER_KEY]
+    keep = enc.context == 1
+    slots = np.flatnonzero(~keep & (enc.ids == ans_id))
+    predict = [(int(enc.segments[i]), answer_subs[int(enc.subs[i])]) for i in slots]
+    if not predict:
+        raise ValueError(f"{_field((ANSWER_KEY,))}: no answer to predict")
+
+    ids, subs, segments = enc.ids[keep], enc.subs[keep], enc.segments[keep]
+    parts = [(ids, subs, segments, np.zeros_like(ids), np.full_like(ids, enc.num_segments), np.zeros_like(ids))]
+    rels = [enc.segment_rel]
+    rel_len = enc.segment_rel.shape[0]
+    state = enc.ext_state
+    for k, sample in enumerate(samples, start=1):
+        s = encode_sample(tokenizer, sample, max_depth=max_depth, ext_state=state)
+        state = s.ext_state
+        parts.append((s.ids, s.subs, s.segments, np.full_like(s.ids, k), np.full_like(s.ids, s.num_segments),
+                      np.full_like(s.ids, rel_len)))
+        rels.append(s.segment_rel)
+        rel_len += s.segment_rel.shape[0]
+    cols = [np.concatenate(c).astype(np.int32) for c in zip(*parts)]
+    return PromptSample(
+        ids=cols[0], subs=cols[1], segments=cols[2], sample_ids=cols[3], num_segments=cols[4],
+        segment_rel_offset=cols[5], segment_rel=np.concatenate(rels).astype(np.int32),
+        predict_segments=predict, answer_paths=paths, ext_state=state,
+    )
+
+
+@dataclass
+class PromptBatch:
+    """A left-padded batch of prompts plus what is needed to turn generated ids back into answers.
+
+    Padding has ``num_segments == 0``, which the model reads as "not a token".
+    """
+
+    input_ids: np.ndarray  # (B, L) int32
+    input_id_sub: np.ndarray
+    position: np.ndarray
+    context: np.ndarray  # (B, L) bool
+    sample_ids: np.ndarray
+    num_segments: np.ndarray
+    segment: np.ndarray
+    segment_rel_offset: np.ndarray
+    segment_rel: np.ndarray  # (B, R)
+    ext_table_ids: np.ndarray  # (E,) family id of each extra output column
+    ext_table_sub: np.ndarray  # (E,) its sub
+    predict_segments: list[list[tuple[int, int]]]
+    answer_paths: list[list[tuple[str, ...]]]
+    # Per row: output column (vocab id for sub 0, vocab_size + k for ext column k) → text.
+    ext_tables: list[dict[int, str]]
+
+    TENSOR_FIELDS = ("input_ids", "input_id_sub", "position", "context", "sample_ids", "num_segments",
+                     "segment", "segment_rel_offset", "segment_rel", "ext_table_ids", "ext_table_sub")
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def model_inputs(self, device: Any = None) -> dict[str, Any]:
+        """The arrays as torch tensors named as ``CpmBeeForCausalLM.forward`` takes them."""
+        import torch
+
+        return {name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))).to(device)
+                for name in self.TENSOR_FIELDS}
+
+
+def collate_prompts(tokenizer: CpmBeeTokenizer, prompts: Sequence[PromptSample]) -> PromptBatch:
+    """Left-pad prompts into one batch and build the batch's extra output columns.
+
+    Every ``(family, sub > 0)`` pair of any row (families in first-appearance order, ``<ans>`` excluded) gets a
+    column ``vocab_size + k``; a sub-0 member is the family's own vocabulary id.
+    """
+    if not prompts:
+        raise ValueError("collate_prompts needs at least one prompt")
+    vocab_size = tokenizer.vocab_size
+    columns: dict[tuple[int, int], int] = {}
+    ext_tables: list[dict[int, str]] = []
+    for p in prompts:
+        row_table: dict[int, str] = {}
+        for family, members in p.ext_state.token_id_table.items():
+            if family == ANSWER_KEY:
+                continue
+            family_id = tokenizer.encoder[family]
+            for ext_id, sub in members.items():
+                if sub > 0:
+                    col = columns.setdefault((family_id, sub), vocab_size + len(columns))
+                    row_table[col] = p.ext_state.ext_table[ext_id]
+                else:
+                    row_table[family_id] = p.ext_state.ext_table[ext_id]
+        ext_tables.append(row_table)
+
+    batch, length = len(prompts), max(len(p) for p in prompts)
+    arrays = {name: np.zeros((batch, length), dtype=np.int32) for name in
+              ("input_ids", "input_id_sub", "position", "sample_ids", "num_segments", "segment",
+               "segment_rel_offset")}
+    context = np.zeros((batch, length), dtype=bool)
+    rel_width = max(p.segment_rel.shape[0] for p in prompts)
+    segment_rel = np.zeros((batch, rel_width), dtype=np.int32)
+    for b, p in enumerate(prompts):
+        pad = length - len(p)
+        arrays["input_ids"][b, pad:] = p.ids
+        arrays["input_id_sub"][b, pad:] = p.subs
+        arrays["position"][b, pad:] = np.arange(len(p), dtype=np.int32)
+        arrays["sample_ids"][b, pad:] = p.sample_ids
+        arrays["num_segments"][b, pad:] = p.num_segments
+        arrays["segment"][b, pad:] = p.segments
+        arrays["segment_rel_offset"][b, pad:] = p.segment_rel_offset
+        context[b, pad:] = True
+        segment_rel[b, : p.segment_rel.shape[0]] = p.segment_rel
+    keys = list(columns)
+    return PromptBatch(
+        **arrays,
+        context=context,
+        segment_rel=segment_rel,
+        ext_table_ids=np.asarray([k[0] for k in keys], dtype=np.int32),
+        ext_table_sub=np.asarray([k[1] for k in keys], dtype=np.int32),
+        predict_segments=[list(p.predict_segments) for p in prompts],
+        answer_paths=[list(p.answer_paths) for p in prompts],
+        ext_tables=ext_tables,
+    )
+
+
+def fill_answers(data: CpmBeeInput, answer_paths: Sequence[tuple[str, ...]], answers: Mapping[int, str | None]) -> Any:
+    """A copy of ``data`` with answer ``k`` (1-based) written at ``answer_paths[k-1]``; missing ones are None."""
+    out = copy.deepcopy(data)
+    if not isinstance(out, dict):
+        raise ValueError("fill_answers needs a dict input")
+    for k, path in enumerate(answer_paths, start=1):
+        text = answers.get(k)
+        if not path:
+            out[ANSWER_KEY] = text
+            continue
+        node = out[ANSWER_KEY]
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = text
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainingSample:
+    """One training instance: a main sample followed by its in-context samples (``sample_ids`` 1, 2, …)."""
+
+    ids: np.ndarray
+    subs: np.ndarray
+    context: np.ndarray  # int8; in-context samples are all context
+    segments: np.ndarray
+    sample_ids: np.ndarray
+    num_segments: np.ndarray
+    segment_rel_offset: np.ndarray
+    segment_rel: np.ndarray
+    raw: Any = None
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def join_samples(main: EncodedSample, extra: Sequence[EncodedSample] = (), raw: Any = None) -> TrainingSample:
+    """Concatenate a main sample and in-context samples (encode those with ``ext_state`` chained)."""
+    parts = [(main.ids, main.subs, main.context, main.segments, np.zeros_like(main.ids),
+              np.full_like(main.ids, main.num_segments), np.zeros_like(main.ids))]
+    rels = [main.segment_rel]
+    offset = main.segment_rel.shape[0]
+    for k, s in enumerate(extra, start=1):
+        parts.append((s.ids, s.subs, np.ones_like(s.context), s.segments, np.full_like(s.ids, k),
+                      np.full_like(s.ids, s.num_segments), np.full_like(s.ids, offset)))
+        rels.append(s.segment_rel)
+        offset += s.segment_rel.shape[0]
+    cols = [np.concatenate(c) for c in zip(*parts)]
+    return TrainingSample(
+        ids=cols[0].astype(np.int32), subs=cols[1].astype(np.int32), context=cols[2].astype(np.int8),
+        segments=cols[3].astype(np.int32), sample_ids=cols[4].astype(np.int32),
+        num_segments=cols[5].astype(np.int32), segment_rel_offset=cols[6].astype(np.int32),
+        segment_rel=np.concatenate(rels).astype(np.int32), raw=raw,
+    )
+
+
+@dataclass
+class TrainingBatch:
+    """Right-padded training rows; each row holds one or more instances (``span`` numbers them)."""
+
+    input_ids: np.ndarray  # (B, L) int32
+    input_id_sub: np.ndarray
+    length: np.ndarray  # (B,) valid tokens per row
+    context: np.ndarray  # (B, L) bool
+    sample_ids: np.ndarray
+    num_segments: np.ndarray
+    segment: np.ndarray
+    segment_rel_offset: np.ndarray
+    segment_rel: np.ndarray  # (B, R)
+    span: np.ndarray
+    ext_table_ids: np.ndarray  # (E,)
+    ext_table_sub: np.ndarray
+    labels: np.ndarray  # (B, L) int32, -100 = no loss
+    task_ids: np.ndarray  # (B, L) index into task_names
+    task_names: list[str]
+    raw_data: list[Any]
+
+    TENSOR_FIELDS = ("input_ids", "input_id_sub", "length", "context", "sample_ids", "num_segments", "segment",
+                     "segment_rel_offset", "segment_rel", "span", "ext_table_ids", "ext_table_sub", "labels")
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def model_inputs(self, device: Any = None) -> dict[str, Any]:
+        """Tensors named as ``CpmBeeForCausalLM.forward`` takes them (labels included)."""
+        import torch
+
+        return {name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))).to(device)
+                for name in self.TENSOR_FIELDS}
+
+
+def make_training_batch(
+    rows: Sequence[Sequence[TrainingSample]],
+    *,
+    vocab_size: int,
+    bos_id: int,
+    eos_id: int,
+    length: int | None = None,
+    tasks: Sequence[Sequence[str]] | None = None,
+) -> TrainingBatch:
+    """Pad rows of instances into a batch with next-token labels.
+
+    Labels: position ``j-1`` predicts token ``j`` when ``j > 1`` and token ``j-1`` is not context — the
+    ext column for an ext token, ``</s>`` when token ``j`` is the ``<s>`` of the next segment; the last token
+    of a row predicts ``</s>`` when it is not context. Everything else is -100. The batch's extra output
+    columns are the ``(id, sub > 0)`` pairs in row-major order of first appearance (a placeholder ``(0, 1)``
+    when there is none, so the projection always has a column).
+
+    ``length`` pads every row to that many tokens (default: the longest row).
+    """
+    row_lengths = [sum(len(inst) for inst in row) for row in rows]
+    width = max(row_lengths, default=0) if length is None else length
+    if any(n > width for n in row_lengths):
+        raise ValueError(f"a row holds {max(row_lengths)} tokens, more than the batch length {width}")
+    batch = len(rows)
+    shape = (batch, width)
+    out = {name: np.zeros(shape, dtype=np.int32) for name in
+           ("input_ids", "input_id_sub", "sample_ids", "num_segments", "segment", "segment_rel_offset", "span",
+            "task_ids")}
+    context = np.zeros(shape, dtype=bool)
+    labels = np.full(shape, -100, dtype=np.int32)
+    rel_width = max((sum(inst.segment_rel.shape[0] for inst in row) for row in rows), default=0)
+    segment_rel = np.zeros((batch, rel_width), dtype=np.int32)
+    task_names = sorted({t for row in tasks for t in row}) if tasks else []
+    task_index = {name: i for i, name in enumerate(task_names)}
+    columns: dict[tuple[int, int], int] = {}
+    raw_data: list[Any] = []
+
+    for b, row in enumerate(rows):
+        pos = rel_pos = 0
+        for span_id, inst in enumerate(row):
+            n = len(inst)
+            sl = slice(pos, pos + n)
+            out["input_ids"][b, sl] = inst.ids
+            out["input_id_sub"][b, sl] = inst.subs
+            out["sample_ids"][b, sl] = inst.sample_ids
+            out["num_segments"][b, sl] = inst.num_segments
+            out["segment"][b, sl] = inst.segments
+            out["segment_rel_offset"][b, sl] = inst.segment_rel_offset + rel_pos
+            out["span"][b, sl] = span_id
+            if tasks:
+                out["task_ids"][b, sl] = task_index[tasks[b][span_id]]
+            context[b, sl] = inst.context != 0
+            segment_rel[b, rel_pos : rel_pos + inst.segment_rel.shape[0]] = inst.segment_rel
+            rel_pos += inst.segment_rel.shape[0]
+            pos += n
+            raw_data.append(inst.raw)
+        n = pos
+        if n == 0:
+            continue
+        ids, subs, ctx = out["input_ids"][b, :n], out["input_id_sub"][b, :n], context[b, :n]
+        target = ids.astype(np.int64)
+        for j in np.flatnonzero(subs > 0):
+            key = (int(ids[j]), int(subs[j]))
+            target[j] = vocab_size + columns.setdefault(key, len(columns))
+        target[ids == bos_id] = eos_id
+        row_labels = labels[b, :n]
+        predict_next = ~ctx[:-1]
+        predict_next[0] = False  # the original starts at j = 2
+        row_labels[:-1][predict_next] = target[1:][predict_next]
+        if not ctx[-1]:
+            row_labels[-1] = eos_id
+
+    keys = list(columns) or [(0, 1)]
+    return TrainingBatch(
+        **{k: v for k, v in out.items() if k != "task_ids"},
+        length=np.asarray(row_lengths, dtype=np.int32),
+        context=context,
+        segment_rel=segment_rel,
+        ext_table_ids=np.asarray([k[0] for k in keys], dtype=np.int32),
+        ext_table_sub=np.asarray([k[1] for k in keys], dtype=np.int32),
+        labels=labels,
+        task_ids=out["task_ids"],
+        task_names=task_names,
+        raw_data=raw_data,
+    )
+
+
+def prepare_for_finetune(
+    tokenizer: CpmBeeTokenizer,
+    data: CpmBeeInput | Sequence[CpmBeeInput],
+    max_length: int = 2048,
+    *,
+    shuffle_answer: bool = False,
+    rng: np.random.RandomState | None = None,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    return_tensors: str | None = "pt",
+) -> Any:
+    """Samples with filled ``<ans>`` → one row each, padded to the longest row, with ``labels``.
+
+    The result unpacks into ``CpmBeeForCausalLM.forward``: ``model(**batch).loss``. A sample longer than
+    ``max_length`` tokens raises ``ValueError`` naming it.
+    """
+    samples = [data] if isinstance(data, (str, Mapping)) else list(data)
+    if not samples:
+        raise ValueError("prepare_for_finetune needs at least one sample")
+    rows = []
+    for index, sample in enumerate(samples):
+        try:
+            enc = encode_sample(tokenizer, sample, max_depth=max_depth, shuffle_answer=shuffle_answer, rng=rng)
+        except ValueError as err:
+            raise ValueError(f"sample {index}: {err}") from None
+        if len(enc) > max_length:
+            raise ValueError(f"sample {index}: {len(enc)} tokens, more than max_length={max_length}")
+        rows.append([join_samples(enc, raw=sample)])
+    batch = make_training_batch(rows, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
+                                eos_id=tokenizer.eos_id)
+    if return_tensors is None:
+        return batch
+    if return_tensors != "pt":
+        raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+    from transformers import BatchEncoding
+
+    return BatchEncoding(batch.model_inputs())
