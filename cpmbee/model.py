@@ -87,7 +87,8 @@ class CpmBeeRotaryEmbedding(nn.Module):
         self.dim = dim
         self.distance_scale = distance_scale
         # Built on the CPU in float32 so every device uses the same frequencies (the original's values).
-        self._inv_freq_cpu = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        steps = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu")  # CPU even under a meta-device context
+        self._inv_freq_cpu = 1.0 / (base ** (steps / dim))
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
@@ -635,7 +636,7 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel):
             if logits_to_keep:
                 labels = labels[:, -logits_to_keep:]
             labels = labels.to(logits.device).long()
-            if int(labels.max()) >= logits.shape[-1] if labels.numel() else False:
+            if labels.numel() and int(labels.max()) >= logits.shape[-1]:
                 raise ValueError(f"labels reach {int(labels.max())} but there are {logits.shape[-1]} output columns")
             total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
             loss = total / (labels != -100).sum().clamp(min=1)

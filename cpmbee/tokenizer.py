@@ -239,8 +239,8 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         self._matcher = _Matcher({w: i for w, i in encoder.items() if w not in self.special_vocab})
         self.max_word_len = max(len(w) for w in encoder)
         for name, token in (("bos_token", bos_token), ("eos_token", eos_token), ("unk_token", unk_token)):
-            if token not in encoder:
-                raise ValueError(f"{vocab_file}: {name} {token!r} is not in the vocabulary")
+            if str(token) not in encoder:
+                raise ValueError(f"{vocab_file}: {name} {str(token)!r} is not in the vocabulary")
         super().__init__(
             bos_token=bos_token,
             eos_token=eos_token,

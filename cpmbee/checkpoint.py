@@ -1,0 +1,232 @@
+"""Loading and converting CPM-Bee checkpoints.
+
+Layouts understood:
+
+* the original OpenBMB files: one ``cpm-bee-*.pt`` (``torch.save`` of the state dict, un-prefixed keys
+  ``encoder.layers.0…``, ``input_embedding.weight``, ``position_bias.relative_attention_bias``) with a config
+  JSON in the original names (``dim_model``, ``num_layers``, …);
+* Hugging Face directories: ``config.json`` (either naming) with ``pytorch_model.bin``, ``model.safetensors``
+  or sharded variants, keys with or without the ``cpmbee.`` prefix (the hub's ``pytorch_model.bin`` is the
+  original state dict).
+
+Tensors are read with ``safetensors`` or ``torch.load(weights_only=True, mmap=True)`` and assigned into a model
+built on the meta device, so a 10B checkpoint is never held twice in memory. ``convert`` writes a
+self-contained directory (safetensors, ``config.json``, ``vocab.txt``, ``tokenizer_config.json``) that
+``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained`` read once ``cpmbee`` is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import CpmBeeConfig
+from .model import CpmBeeForCausalLM
+
+__all__ = ["convert", "find_config", "load_model", "load_state_dict", "to_model_keys"]
+
+PREFIX = "cpmbee."
+_IGNORED_KEYS = ("lm_head.weight",)
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read one weight file: ``.safetensors``, or a torch pickle read with ``weights_only=True`` (memory-mapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return dict(state)
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / name
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for file in files:
+                state.update(load_state_dict(directory / file))
+            return state
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return load_state_dict(directory / name)
+    candidates = sorted(directory.glob("*.pt")) + sorted(directory.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return load_state_dict(candidates[0])
+    raise FileNotFoundError(f"{directory}: no weights found (looked for {', '.join(_WEIGHT_FILES)} or one *.pt)")
+
+
+def to_model_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys of ``CpmBeeForCausalLM.state_dict()``: add the ``cpmbee.`` prefix, drop the unused ``lm_head``."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key in _IGNORED_KEYS:
+            continue
+        if ".lora." in key:
+            raise ValueError(
+                f"{key!r} is a LoRA delta: load the base checkpoint first, then the delta with the LoRA tools"
+            )
+        out[key if key.startswith(PREFIX) else PREFIX + key] = value
+    return out
+
+
+def find_config(path: str | os.PathLike) -> Path:
+    """The config JSON of a checkpoint: ``config.json`` in the directory or beside the file, else the only
+    ``*.json`` beside the file that looks like a model config."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    if (directory / "config.json").is_file():
+        return directory / "config.json"
+    found = []
+    for candidate in sorted(directory.glob("*.json")):
+        try:
+            data = json.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and ("dim_model" in data or "hidden_size" in data):
+            found.append(candidate)
+    if len(found) == 1:
+        return found[0]
+    raise FileNotFoundError(f"no model config found for {path} (give one with --config / config=)")
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    config: CpmBeeConfig | str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+) -> CpmBeeForCausalLM:
+    """Load a CPM-Bee model from a directory (any layout above) or a single checkpoint file.
+
+    Args:
+        path: checkpoint file or directory.
+        config: a ``CpmBeeConfig``, a config JSON path, or None to find it beside the weights.
+        dtype: compute dtype; None keeps the checkpoint's (an explicit one always wins over ``half``).
+        device: where the weights go (default CPU).
+        attn_implementation: ``"sdpa"`` (default) or ``"eager"`` (the original's arithmetic, bit for bit).
+    """
+    path = Path(path)
+    if not isinstance(config, CpmBeeConfig):
+        config = CpmBeeConfig.from_json_file(config if config is not None else find_config(path))
+    target_dtype = _resolve_dtype(dtype)
+    state = to_model_keys(_read_weights(path) if path.is_dir() else load_state_dict(path))
+
+    with torch.device("meta"):
+        model = CpmBeeForCausalLM(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: checkpoint does not match the config (check its shape and mask_modules); missing {missing[:5]}{'…' if len(missing) > 5 else ''},"
+            f" unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[key].shape)}")
+        if target_dtype is not None and tensor.is_floating_point() and tensor.dtype != target_dtype:
+            state[key] = tensor.to(target_dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    if target_dtype is not None:
+        model.config.dtype = target_dtype
+    if attn_implementation is not None:
+        model.config._attn_implementation = attn_implementation
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def _atomic_directory(dst: Path):
+    """Write into a temporary sibling directory and move it into place when complete."""
+
+    class _Ctx:
+        def __enter__(self) -> Path:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+            return self.tmp
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return
+            if dst.exists():
+                backup = dst.with_name(dst.name + ".old")
+                shutil.rmtree(backup, ignore_errors=True)
+                dst.rename(backup)
+                self.tmp.rename(dst)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                self.tmp.rename(dst)
+
+    return _Ctx()
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    config: str | os.PathLike | CpmBeeConfig | None = None,
+    vocab: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+) -> Path:
+    """Convert a checkpoint (original ``.pt`` or any directory layout) into an HF-style safetensors directory.
+
+    ``dst`` receives ``config.json`` (HF names, ``model_type: cpmbee``), ``model*.safetensors``, ``vocab.txt``
+    and ``tokenizer_config.json``. It is written to a temporary directory first, so an interrupted
+    conversion never leaves a half-written ``dst``.
+    """
+    from .tokenizer import CpmBeeTokenizer
+
+    src, dst = Path(src), Path(dst)
+    vocab_path = Path(vocab) if vocab is not None else (src if src.is_dir() else src.parent) / "vocab.txt"
+    if not vocab_path.is_file():
+        raise FileNotFoundError(f"no vocab.txt at {vocab_path}: pass the vocabulary with --vocab / vocab=")
+    model = load_model(src, config=config, dtype=dtype)
+    tokenizer = CpmBeeTokenizer(vocab_path)
+    with _atomic_directory(dst) as out:
+        model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(out)
+    return dst
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Summary of a checkpoint directory or file: parameter count, dtypes, masked blocks."""
+    path = Path(path)
+    state = _read_weights(path) if path.is_dir() else load_state_dict(path)
+    dtypes: dict[str, int] = {}
+    for t in state.values():
+        dtypes[str(t.dtype)] = dtypes.get(str(t.dtype), 0) + t.numel()
+    return {"tensors": len(state), "parameters": sum(t.numel() for t in state.values()), "dtypes": dtypes}
