@@ -34,15 +34,26 @@ __all__ = ["convert", "find_config", "load_model", "load_state_dict", "to_model_
 
 PREFIX = "cpmbee."
 _IGNORED_KEYS = ("lm_head.weight",)
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    names = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "half": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
     return names[dtype]
@@ -83,7 +94,9 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     candidates = sorted(directory.glob("*.pt")) + sorted(directory.glob("*.safetensors"))
     if len(candidates) == 1:
         return load_state_dict(candidates[0])
-    raise FileNotFoundError(f"{directory}: no weights found (looked for {', '.join(_WEIGHT_FILES)} or one *.pt)")
+    raise FileNotFoundError(
+        f"{directory}: no weights found (looked for {', '.join(_WEIGHT_FILES)} or one *.pt)"
+    )
 
 
 def to_model_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -155,7 +168,9 @@ def load_model(
         )
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[key].shape)}")
+            raise ValueError(
+                f"{path}: {key} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[key].shape)}"
+            )
         if target_dtype is not None and tensor.is_floating_point() and tensor.dtype != target_dtype:
             state[key] = tensor.to(target_dtype)
     model.load_state_dict(state, assign=True, strict=True)

@@ -41,20 +41,65 @@ _COMMON = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpm-bee-10b": {**_COMMON, "hidden_size": 4096, "num_hidden_layers": 48, "num_attention_heads": 32,
-                    "dim_head": 128, "dim_ff": 10240, "half": True},
-    "cpm-bee-5b": {**_COMMON, "hidden_size": 4096, "num_hidden_layers": 48, "num_attention_heads": 32,
-                   "dim_head": 128, "dim_ff": 10240, "half": True, "mask_modules": PRUNED_MASK_MODULES},
-    "cpm-bee-2b": {**_COMMON, "hidden_size": 4096, "num_hidden_layers": 48, "num_attention_heads": 32,
-                   "dim_head": 64, "dim_ff": 5120, "half": True, "mask_modules": PRUNED_MASK_MODULES},
-    "cpm-bee-1b": {**_COMMON, "hidden_size": 4096, "num_hidden_layers": 48, "num_attention_heads": 32,
-                   "dim_head": 40, "dim_ff": 1024, "half": True, "mask_modules": PRUNED_MASK_MODULES},
+    "cpm-bee-10b": {
+        **_COMMON,
+        "hidden_size": 4096,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "dim_head": 128,
+        "dim_ff": 10240,
+        "half": True,
+    },
+    "cpm-bee-5b": {
+        **_COMMON,
+        "hidden_size": 4096,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "dim_head": 128,
+        "dim_ff": 10240,
+        "half": True,
+        "mask_modules": PRUNED_MASK_MODULES,
+    },
+    "cpm-bee-2b": {
+        **_COMMON,
+        "hidden_size": 4096,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "dim_head": 64,
+        "dim_ff": 5120,
+        "half": True,
+        "mask_modules": PRUNED_MASK_MODULES,
+    },
+    "cpm-bee-1b": {
+        **_COMMON,
+        "hidden_size": 4096,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "dim_head": 40,
+        "dim_ff": 1024,
+        "half": True,
+        "mask_modules": PRUNED_MASK_MODULES,
+    },
     # The research shape of the official `cpm-bee-3b.json` (its vocabulary is 3 entries shorter).
-    "cpm-bee-3b": {**_COMMON, "vocab_size": 86580, "hidden_size": 2560, "num_hidden_layers": 32,
-                   "num_attention_heads": 32, "dim_head": 80, "dim_ff": 3072, "half": True},
+    "cpm-bee-3b": {
+        **_COMMON,
+        "vocab_size": 86580,
+        "hidden_size": 2560,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "dim_head": 80,
+        "dim_ff": 3072,
+        "half": True,
+    },
     # For tests and demos: the real vocabulary size, everything else small.
-    "tiny": {**_COMMON, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "dim_head": 8, "dim_ff": 64},
+    "tiny": {
+        **_COMMON,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "dim_head": 8,
+        "dim_ff": 64,
+    },
 }
 
 
@@ -116,15 +161,25 @@ class CpmBeeConfig(PreTrainedConfig):
             self.mask_modules = [[bool(a), bool(f)] for a, f in self.mask_modules]
 
     def _validate(self) -> None:
-        positive = ("vocab_size", "hidden_size", "num_attention_heads", "dim_head", "dim_ff",
-                    "num_hidden_layers", "position_bias_num_buckets", "position_bias_num_segment_buckets",
-                    "position_bias_max_distance")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_attention_heads",
+            "dim_head",
+            "dim_ff",
+            "num_hidden_layers",
+            "position_bias_num_buckets",
+            "position_bias_num_segment_buckets",
+            "position_bias_max_distance",
+        )
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"CpmBeeConfig.{name} must be a positive integer, got {value!r}")
         if self.hidden_size % 2:
-            raise ValueError(f"CpmBeeConfig.hidden_size must be even (rotary embedding), got {self.hidden_size}")
+            raise ValueError(
+                f"CpmBeeConfig.hidden_size must be even (rotary embedding), got {self.hidden_size}"
+            )
         if not 0.0 <= float(self.dropout_p) < 1.0:
             raise ValueError(f"CpmBeeConfig.dropout_p must be in [0, 1), got {self.dropout_p!r}")
         if self.mask_modules is not None:
@@ -135,7 +190,9 @@ class CpmBeeConfig(PreTrainedConfig):
                 )
             for i, pair in enumerate(self.mask_modules):
                 if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                    raise ValueError(f"CpmBeeConfig.mask_modules[{i}] must be a [mask_att, mask_ffn] pair, got {pair!r}")
+                    raise ValueError(
+                        f"CpmBeeConfig.mask_modules[{i}] must be a [mask_att, mask_ffn] pair, got {pair!r}"
+                    )
 
     # ------------------------------------------------------------------ helpers
     def layer_masks(self) -> list[tuple[bool, bool]]:
@@ -152,7 +209,9 @@ class CpmBeeConfig(PreTrainedConfig):
         """Parameter count implied by the shape (no model is built)."""
         d, a, ff = self.hidden_size, self.attention_width, self.dim_ff
         total = self.vocab_size * d + d  # embedding + output_layernorm
-        total += (self.position_bias_num_buckets + self.position_bias_num_segment_buckets) * self.num_attention_heads
+        total += (
+            self.position_bias_num_buckets + self.position_bias_num_segment_buckets
+        ) * self.num_attention_heads
         for mask_att, mask_ffn in self.layer_masks():
             if not mask_att:
                 total += d + 4 * d * a
@@ -177,7 +236,13 @@ class CpmBeeConfig(PreTrainedConfig):
             data = json.load(f)
         if not isinstance(data, dict):
             raise ValueError(f"{json_file}: a config must be a JSON object")
-        for key in ("auto_map", "architectures", "_name_or_path", "_from_model_config", "transformers_version"):
+        for key in (
+            "auto_map",
+            "architectures",
+            "_name_or_path",
+            "_from_model_config",
+            "transformers_version",
+        ):
             data.pop(key, None)
         model_type = data.pop("model_type", cls.model_type)
         if model_type != cls.model_type:

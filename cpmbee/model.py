@@ -47,7 +47,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .config import CpmBeeConfig
 
-__all__ = ["CpmBeeCache", "CpmBeeForCausalLM", "CpmBeeModel", "CpmBeePreTrainedModel", "CpmBeeTransformerBlock"]
+__all__ = [
+    "CpmBeeCache",
+    "CpmBeeForCausalLM",
+    "CpmBeeModel",
+    "CpmBeePreTrainedModel",
+    "CpmBeeTransformerBlock",
+]
 
 
 # ---------------------------------------------------------------------------------------------------- leaves
@@ -87,7 +93,9 @@ class CpmBeeRotaryEmbedding(nn.Module):
         self.dim = dim
         self.distance_scale = distance_scale
         # Built on the CPU in float32 so every device uses the same frequencies (the original's values).
-        steps = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu")  # CPU even under a meta-device context
+        steps = torch.arange(
+            0, dim, 2, dtype=torch.float32, device="cpu"
+        )  # CPU even under a meta-device context
         self._inv_freq_cpu = 1.0 / (base ** (steps / dim))
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
@@ -98,7 +106,9 @@ class CpmBeeRotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         # x: (..., D), index: (...) integer
-        angle = (index * self.distance_scale).to(torch.float32)[..., None] * self.inv_freq(x.device)  # (..., D/2)
+        angle = (index * self.distance_scale).to(torch.float32)[..., None] * self.inv_freq(
+            x.device
+        )  # (..., D/2)
         angle = torch.cat((angle, angle), dim=-1)  # (..., D)
         half = x.size(-1) // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -159,7 +169,9 @@ class CpmBeeBucketPositionBias(nn.Module):
         log_bucket = log_bucket.clamp(max=half - 1)
         return base + torch.where(distance < exact, distance.to(torch.int32), log_bucket)
 
-    def forward(self, query_pos: torch.Tensor, key_pos: torch.Tensor, segment_bucket: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query_pos: torch.Tensor, key_pos: torch.Tensor, segment_bucket: torch.Tensor
+    ) -> torch.Tensor:
         # query_pos: (B, L), key_pos: (B, K), segment_bucket: (B, L, K) with 0 = same segment
         in_segment = self.position_bucket(key_pos[:, None, :] - query_pos[:, :, None])
         bucket = torch.where(segment_bucket == 0, in_segment, segment_bucket - 1 + self.num_buckets)
@@ -214,8 +226,10 @@ class CpmBeeCache:
         start, end = self.seq_length, self.seq_length + length
         if not self.meta:
             device = self.device or next(iter(meta.values())).device
-            self.meta = {k: torch.zeros(self.batch_size, self.capacity, dtype=v.dtype, device=device)
-                         for k, v in meta.items()}
+            self.meta = {
+                k: torch.zeros(self.batch_size, self.capacity, dtype=v.dtype, device=device)
+                for k, v in meta.items()
+            }
         if end > self.capacity:
             self._grow(end)
         for name, value in meta.items():
@@ -283,13 +297,20 @@ class CpmBeeAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, H, K, Dh)
         dropout = self.dropout_p if self.training else 0.0
         if self.config._attn_implementation == "eager":
-            score = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.dim_head) + attn_bias  # (B, H, L, K)
+            score = (
+                torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.dim_head) + attn_bias
+            )  # (B, H, L, K)
             probs = torch.softmax(score.float(), dim=-1).to(v.dtype)
             probs = F.dropout(probs, dropout, self.training)
             out = torch.matmul(probs, v)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=dropout, scale=1.0 / math.sqrt(self.dim_head)
+                q,
+                k,
+                v,
+                attn_mask=attn_bias.to(q.dtype),
+                dropout_p=dropout,
+                scale=1.0 / math.sqrt(self.dim_head),
             )
         out = out.transpose(1, 2).reshape(b, length, self.num_heads * self.dim_head)  # (B, L, H*Dh)
         return self.attention_out(out)
@@ -374,7 +395,9 @@ class CpmBeeTransformerBlock(GradientCheckpointingLayer):
 class CpmBeeEncoder(nn.Module):
     def __init__(self, config: CpmBeeConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(CpmBeeTransformerBlock(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            CpmBeeTransformerBlock(config, i) for i in range(config.num_hidden_layers)
+        )
         self.output_layernorm = CpmBeeLayerNorm(config.hidden_size, config.eps)
 
 
@@ -414,7 +437,9 @@ class CpmBeeModel(CpmBeePreTrainedModel):
     def __init__(self, config: CpmBeeConfig) -> None:
         super().__init__(config)
         self.encoder = CpmBeeEncoder(config)
-        self.input_embedding = CpmBeeEmbeddingExt(config.vocab_size, config.hidden_size, config.distance_scale)
+        self.input_embedding = CpmBeeEmbeddingExt(
+            config.vocab_size, config.hidden_size, config.distance_scale
+        )
         self.position_bias = CpmBeeBucketPositionBias(
             config.num_attention_heads,
             config.position_bias_num_buckets,
@@ -446,11 +471,16 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         ``valid``); ``num_segments``/``segment_rel_offset`` are the queries' (they index ``segment_rel``).
         """
         q_sid, k_sid = query["sample_ids"][:, :, None], keys["sample_ids"][:, None, :]
-        same_instance = (q_sid == k_sid) & (query["span"][:, :, None] == keys["span"][:, None, :])  # (B, L, K)
+        same_instance = (q_sid == k_sid) & (
+            query["span"][:, :, None] == keys["span"][:, None, :]
+        )  # (B, L, K)
 
         # segment relation bucket: segment_rel[b, seg_q * n_q + seg_k + offset_q] inside one instance, else 1
-        index = (query["segment"][:, :, None] * num_segments[:, :, None] + keys["segment"][:, None, :]
-                 + segment_rel_offset[:, :, None]).long()
+        index = (
+            query["segment"][:, :, None] * num_segments[:, :, None]
+            + keys["segment"][:, None, :]
+            + segment_rel_offset[:, :, None]
+        ).long()
         index = index.masked_fill(~same_instance, 0).clamp_(0, segment_rel.shape[1] - 1)
         b, length, k_len = index.shape
         segment_bucket = torch.gather(segment_rel.long(), 1, index.view(b, -1)).view(b, length, k_len)
@@ -509,7 +539,9 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             use_cache: return a cache (a new one when none is given).
         """
         if kwargs.get("attention_mask") is not None:
-            raise ValueError("CpmBeeModel takes no attention_mask: the mask is built from context/sample_ids/span/length")
+            raise ValueError(
+                "CpmBeeModel takes no attention_mask: the mask is built from context/sample_ids/span/length"
+            )
         b, length_q = input_ids.shape
         device = input_ids.device
         cache = past_key_values
@@ -615,10 +647,21 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel):
         ignore, ``V + k`` = ext column ``k``) the mean cross-entropy as ``loss``. ``logits_to_keep = n > 0``
         computes logits for the last ``n`` positions only. Other arguments: see ``CpmBeeModel.forward``."""
         out = self.cpmbee(
-            input_ids, input_id_sub=input_id_sub, position=position, context=context, sample_ids=sample_ids,
-            num_segments=num_segments, segment=segment, segment_rel_offset=segment_rel_offset,
-            segment_rel=segment_rel, span=span, length=length, past_key_values=past_key_values,
-            use_cache=use_cache, output_hidden_states=output_hidden_states, **kwargs,
+            input_ids,
+            input_id_sub=input_id_sub,
+            position=position,
+            context=context,
+            sample_ids=sample_ids,
+            num_segments=num_segments,
+            segment=segment,
+            segment_rel_offset=segment_rel_offset,
+            segment_rel=segment_rel,
+            span=span,
+            length=length,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
         )
         hidden = out.last_hidden_state
         if logits_to_keep:
@@ -637,8 +680,12 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel):
                 labels = labels[:, -logits_to_keep:]
             labels = labels.to(logits.device).long()
             if labels.numel() and int(labels.max()) >= logits.shape[-1]:
-                raise ValueError(f"labels reach {int(labels.max())} but there are {logits.shape[-1]} output columns")
-            total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+                raise ValueError(
+                    f"labels reach {int(labels.max())} but there are {logits.shape[-1]} output columns"
+                )
+            total = F.cross_entropy(
+                logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+            )
             loss = total / (labels != -100).sum().clamp(min=1)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states

@@ -28,7 +28,8 @@ import copy
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ __all__ = [
     "segment_relations",
 ]
 
-CpmBeeInput = Union[str, Mapping[str, "CpmBeeInput"]]
+CpmBeeInput = str | Mapping[str, "CpmBeeInput"]
 
 ANSWER_KEY = "<ans>"
 ROOT_TEXT = "<root>"
@@ -68,18 +69,24 @@ class _Segment:
     depth: int
     parent: int
     predict: bool
-    where: str  # human-readable location, for error messages
+    path: tuple[str, ...]  # keys from the top; for a key segment, the path of the dict holding it
+    is_key: bool = False
+
+    @property
+    def where(self) -> str:
+        """Human-readable location, for error messages."""
+        if self.parent < 0:
+            return "the root"
+        return f"key {self.text!r} of {_field(self.path)}" if self.is_key else _field(self.path)
 
 
 def _field(path: Sequence[str]) -> str:
     return "data" + "".join(f"[{key!r}]" for key in path)
 
 
-def _build_segments(
-    data: Any, shuffle_answer: bool, rng: Any
-) -> list[_Segment]:
+def _build_segments(data: Any, shuffle_answer: bool, rng: Any) -> list[_Segment]:
     """Pre-order list of segments; segment 0 is the root."""
-    segments = [_Segment(ROOT_TEXT, 0, -1, False, "the root")]
+    segments = [_Segment(ROOT_TEXT, 0, -1, False, ())]
 
     def visit(value: Any, depth: int, parent: int, predict: bool, path: tuple[str, ...]) -> None:
         if isinstance(value, Mapping):
@@ -90,13 +97,17 @@ def _build_segments(
                 items = [items[i] for i in order]
             for key, child in items:
                 if not isinstance(key, str):
-                    raise ValueError(f"{_field(path)}: keys must be strings, got {type(key).__name__} {key!r}")
+                    raise ValueError(
+                        f"{_field(path)}: keys must be strings, got {type(key).__name__} {key!r}"
+                    )
                 key_index = len(segments)
-                segments.append(_Segment(key, depth, parent, False, f"key {key!r} of {_field(path)}"))
+                segments.append(_Segment(key, depth, parent, False, path, is_key=True))
                 # Only the top-level "<ans>" marks answers; a nested "<ans>" key is ordinary text.
-                visit(child, depth + 1, key_index, predict or (depth == 1 and key == ANSWER_KEY), (*path, key))
+                visit(
+                    child, depth + 1, key_index, predict or (depth == 1 and key == ANSWER_KEY), (*path, key)
+                )
         elif isinstance(value, str):
-            segments.append(_Segment(value, depth, parent, predict, _field(path)))
+            segments.append(_Segment(value, depth, parent, predict, path))
         else:
             shown = repr(value)
             shown = shown if len(shown) <= 40 else shown[:37] + "..."
@@ -108,7 +119,26 @@ def _build_segments(
     return segments
 
 
-def segment_relations(parents: Sequence[int], depths: Sequence[int], max_depth: int = DEFAULT_MAX_DEPTH) -> np.ndarray:
+def segment_relations(
+    parents: Sequence[int], depths: Sequence[int], max_depth: int = DEFAULT_MAX_DEPTH
+) -> np.ndarray:
+    """Read-only flattened ``n × n`` relation table of a tree shape (memoized: datasets repeat shapes).
+
+    See ``_segment_relations``.
+    """
+    return _segment_relations_cached(tuple(parents), tuple(depths), max_depth)
+
+
+@lru_cache(maxsize=4096)
+def _segment_relations_cached(
+    parents: tuple[int, ...], depths: tuple[int, ...], max_depth: int
+) -> np.ndarray:
+    table = _segment_relations(parents, depths, max_depth)
+    table.flags.writeable = False
+    return table
+
+
+def _segment_relations(parents: Sequence[int], depths: Sequence[int], max_depth: int) -> np.ndarray:
     """Flattened ``n × n`` relation buckets (row = query segment, column = key segment).
 
     With ``c`` the lowest common ancestor of ``a`` and ``b``, ``up = min(depth[a] - depth[c], max_depth - 1)``
@@ -205,7 +235,8 @@ def encode_sample(
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
 
     ids: list[int] = []
-    subs: list[int] = []
+    ext_positions: list[int] = []  # positions whose id is a tokenizer ext id, replaced below
+    ext_subs: list[int] = []
     lengths: list[int] = []
     for seg in segments:
         start = len(ids)
@@ -214,34 +245,35 @@ def encode_sample(
             tokenizer._encode_into(seg.text, ids, table, reverse)
         except ValueError as err:
             raise ValueError(f"{seg.where}: {err}") from None
-        subs.append(0)
-        for k in range(start + 1, len(ids)):
-            token_id = ids[k]
-            if token_id < vocab_size:
-                subs.append(0)
-                continue
-            text = table[token_id]
-            family = _family(text)
-            members = families.setdefault(family, {})
-            sub = members.setdefault(token_id, len(members))
-            family_id = vocab.get(family)
-            if family_id is None:
-                raise ValueError(
-                    f"{seg.where}: invalid token {text!r}: its family {family!r} is not in the vocabulary"
-                    " (write a literal '<' as '<<')"
-                )
-            ids[k] = family_id
-            subs.append(sub)
+        if len(ids) > start + 1 and max(ids[start + 1 :]) >= vocab_size:
+            for k in range(start + 1, len(ids)):
+                token_id = ids[k]
+                if token_id < vocab_size:
+                    continue
+                text = table[token_id]
+                family = _family(text)
+                members = families.setdefault(family, {})
+                sub = members.setdefault(token_id, len(members))
+                family_id = vocab.get(family)
+                if family_id is None:
+                    raise ValueError(
+                        f"{seg.where}: invalid token {text!r}: its family {family!r} is not in the vocabulary"
+                        " (write a literal '<' as '<<')"
+                    )
+                ids[k] = family_id
+                ext_positions.append(k)
+                ext_subs.append(sub)
         if not seg.predict:
             ids.append(eos)
-            subs.append(0)
         lengths.append(len(ids) - start)
 
+    subs = np.zeros(len(ids), dtype=np.int32)
+    subs[ext_positions] = ext_subs
     length_arr = np.asarray(lengths, dtype=np.int64)
     context = np.repeat(np.asarray([0 if s.predict else 1 for s in segments], dtype=np.int8), length_arr)
     return EncodedSample(
         ids=np.asarray(ids, dtype=np.int32),
-        subs=np.asarray(subs, dtype=np.int32),
+        subs=subs,
         context=context,
         segments=np.repeat(np.arange(n, dtype=np.int32), length_arr),
         segment_rel=segment_rel,
@@ -273,9 +305,11 @@ class PromptSample:
 def _with_placeholders(data: CpmBeeInput) -> tuple[dict[str, Any], list[tuple[str, ...]]]:
     """Copy of ``data`` whose ``<ans>`` leaves are ``<ans_1>``, ``<ans_2>``, … (depth-first)."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"data must be a dict with an {ANSWER_KEY!r} key to generate, got {type(data).__name__}")
+        raise ValueError(
+            f"data must be a dict with an {ANSWER_KEY!r} key to generate, got {type(data).__name__}"
+        )
     if ANSWER_KEY not in data:
-        raise ValueError(f"data has no {ANSWER_KEY!r} key: nothing to generate (add \"{ANSWER_KEY}\": \"\")")
+        raise ValueError(f'data has no {ANSWER_KEY!r} key: nothing to generate (add "{ANSWER_KEY}": "")')
     paths: list[tuple[str, ...]] = []
 
     def visit(value: Any, path: tuple[str, ...]) -> Any:
@@ -318,22 +352,39 @@ def encode_prompt(
         raise ValueError(f"{_field((ANSWER_KEY,))}: no answer to predict")
 
     ids, subs, segments = enc.ids[keep], enc.subs[keep], enc.segments[keep]
-    parts = [(ids, subs, segments, np.zeros_like(ids), np.full_like(ids, enc.num_segments), np.zeros_like(ids))]
+    parts = [
+        (ids, subs, segments, np.zeros_like(ids), np.full_like(ids, enc.num_segments), np.zeros_like(ids))
+    ]
     rels = [enc.segment_rel]
     rel_len = enc.segment_rel.shape[0]
     state = enc.ext_state
     for k, sample in enumerate(samples, start=1):
         s = encode_sample(tokenizer, sample, max_depth=max_depth, ext_state=state)
         state = s.ext_state
-        parts.append((s.ids, s.subs, s.segments, np.full_like(s.ids, k), np.full_like(s.ids, s.num_segments),
-                      np.full_like(s.ids, rel_len)))
+        parts.append(
+            (
+                s.ids,
+                s.subs,
+                s.segments,
+                np.full_like(s.ids, k),
+                np.full_like(s.ids, s.num_segments),
+                np.full_like(s.ids, rel_len),
+            )
+        )
         rels.append(s.segment_rel)
         rel_len += s.segment_rel.shape[0]
     cols = [np.concatenate(c).astype(np.int32) for c in zip(*parts)]
     return PromptSample(
-        ids=cols[0], subs=cols[1], segments=cols[2], sample_ids=cols[3], num_segments=cols[4],
-        segment_rel_offset=cols[5], segment_rel=np.concatenate(rels).astype(np.int32),
-        predict_segments=predict, answer_paths=paths, ext_state=state,
+        ids=cols[0],
+        subs=cols[1],
+        segments=cols[2],
+        sample_ids=cols[3],
+        num_segments=cols[4],
+        segment_rel_offset=cols[5],
+        segment_rel=np.concatenate(rels).astype(np.int32),
+        predict_segments=predict,
+        answer_paths=paths,
+        ext_state=state,
     )
 
 
@@ -360,8 +411,19 @@ class PromptBatch:
     # Per row: output column (vocab id for sub 0, vocab_size + k for ext column k) → text.
     ext_tables: list[dict[int, str]]
 
-    TENSOR_FIELDS = ("input_ids", "input_id_sub", "position", "context", "sample_ids", "num_segments",
-                     "segment", "segment_rel_offset", "segment_rel", "ext_table_ids", "ext_table_sub")
+    TENSOR_FIELDS = (
+        "input_ids",
+        "input_id_sub",
+        "position",
+        "context",
+        "sample_ids",
+        "num_segments",
+        "segment",
+        "segment_rel_offset",
+        "segment_rel",
+        "ext_table_ids",
+        "ext_table_sub",
+    )
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -370,8 +432,10 @@ class PromptBatch:
         """The arrays as torch tensors named as ``CpmBeeForCausalLM.forward`` takes them."""
         import torch
 
-        return {name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))).to(device)
-                for name in self.TENSOR_FIELDS}
+        return {
+            name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))).to(device)
+            for name in self.TENSOR_FIELDS
+        }
 
 
 def collate_prompts(tokenizer: CpmBeeTokenizer, prompts: Sequence[PromptSample]) -> PromptBatch:
@@ -400,9 +464,18 @@ def collate_prompts(tokenizer: CpmBeeTokenizer, prompts: Sequence[PromptSample])
         ext_tables.append(row_table)
 
     batch, length = len(prompts), max(len(p) for p in prompts)
-    arrays = {name: np.zeros((batch, length), dtype=np.int32) for name in
-              ("input_ids", "input_id_sub", "position", "sample_ids", "num_segments", "segment",
-               "segment_rel_offset")}
+    arrays = {
+        name: np.zeros((batch, length), dtype=np.int32)
+        for name in (
+            "input_ids",
+            "input_id_sub",
+            "position",
+            "sample_ids",
+            "num_segments",
+            "segment",
+            "segment_rel_offset",
+        )
+    }
     context = np.zeros((batch, length), dtype=bool)
     rel_width = max(p.segment_rel.shape[0] for p in prompts)
     segment_rel = np.zeros((batch, rel_width), dtype=np.int32)
@@ -430,7 +503,9 @@ def collate_prompts(tokenizer: CpmBeeTokenizer, prompts: Sequence[PromptSample])
     )
 
 
-def fill_answers(data: CpmBeeInput, answer_paths: Sequence[tuple[str, ...]], answers: Mapping[int, str | None]) -> Any:
+def fill_answers(
+    data: CpmBeeInput, answer_paths: Sequence[tuple[str, ...]], answers: Mapping[int, str | None]
+) -> Any:
     """A copy of ``data`` with answer ``k`` (1-based) written at ``answer_paths[k-1]``; missing ones are None."""
     out = copy.deepcopy(data)
     if not isinstance(out, dict):
@@ -468,21 +543,44 @@ class TrainingSample:
 
 def join_samples(main: EncodedSample, extra: Sequence[EncodedSample] = (), raw: Any = None) -> TrainingSample:
     """Concatenate a main sample and in-context samples (encode those with ``ext_state`` chained)."""
-    parts = [(main.ids, main.subs, main.context, main.segments, np.zeros_like(main.ids),
-              np.full_like(main.ids, main.num_segments), np.zeros_like(main.ids))]
+    parts = [
+        (
+            main.ids,
+            main.subs,
+            main.context,
+            main.segments,
+            np.zeros_like(main.ids),
+            np.full_like(main.ids, main.num_segments),
+            np.zeros_like(main.ids),
+        )
+    ]
     rels = [main.segment_rel]
     offset = main.segment_rel.shape[0]
     for k, s in enumerate(extra, start=1):
-        parts.append((s.ids, s.subs, np.ones_like(s.context), s.segments, np.full_like(s.ids, k),
-                      np.full_like(s.ids, s.num_segments), np.full_like(s.ids, offset)))
+        parts.append(
+            (
+                s.ids,
+                s.subs,
+                np.ones_like(s.context),
+                s.segments,
+                np.full_like(s.ids, k),
+                np.full_like(s.ids, s.num_segments),
+                np.full_like(s.ids, offset),
+            )
+        )
         rels.append(s.segment_rel)
         offset += s.segment_rel.shape[0]
     cols = [np.concatenate(c) for c in zip(*parts)]
     return TrainingSample(
-        ids=cols[0].astype(np.int32), subs=cols[1].astype(np.int32), context=cols[2].astype(np.int8),
-        segments=cols[3].astype(np.int32), sample_ids=cols[4].astype(np.int32),
-        num_segments=cols[5].astype(np.int32), segment_rel_offset=cols[6].astype(np.int32),
-        segment_rel=np.concatenate(rels).astype(np.int32), raw=raw,
+        ids=cols[0].astype(np.int32),
+        subs=cols[1].astype(np.int32),
+        context=cols[2].astype(np.int8),
+        segments=cols[3].astype(np.int32),
+        sample_ids=cols[4].astype(np.int32),
+        num_segments=cols[5].astype(np.int32),
+        segment_rel_offset=cols[6].astype(np.int32),
+        segment_rel=np.concatenate(rels).astype(np.int32),
+        raw=raw,
     )
 
 
@@ -507,8 +605,21 @@ class TrainingBatch:
     task_names: list[str]
     raw_data: list[Any]
 
-    TENSOR_FIELDS = ("input_ids", "input_id_sub", "length", "context", "sample_ids", "num_segments", "segment",
-                     "segment_rel_offset", "segment_rel", "span", "ext_table_ids", "ext_table_sub", "labels")
+    TENSOR_FIELDS = (
+        "input_ids",
+        "input_id_sub",
+        "length",
+        "context",
+        "sample_ids",
+        "num_segments",
+        "segment",
+        "segment_rel_offset",
+        "segment_rel",
+        "span",
+        "ext_table_ids",
+        "ext_table_sub",
+        "labels",
+    )
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -517,8 +628,10 @@ class TrainingBatch:
         """Tensors named as ``CpmBeeForCausalLM.forward`` takes them (labels included)."""
         import torch
 
-        return {name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))).to(device)
-                for name in self.TENSOR_FIELDS}
+        return {
+            name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))).to(device)
+            for name in self.TENSOR_FIELDS
+        }
 
 
 def make_training_batch(
@@ -546,9 +659,19 @@ def make_training_batch(
         raise ValueError(f"a row holds {max(row_lengths)} tokens, more than the batch length {width}")
     batch = len(rows)
     shape = (batch, width)
-    out = {name: np.zeros(shape, dtype=np.int32) for name in
-           ("input_ids", "input_id_sub", "sample_ids", "num_segments", "segment", "segment_rel_offset", "span",
-            "task_ids")}
+    out = {
+        name: np.zeros(shape, dtype=np.int32)
+        for name in (
+            "input_ids",
+            "input_id_sub",
+            "sample_ids",
+            "num_segments",
+            "segment",
+            "segment_rel_offset",
+            "span",
+            "task_ids",
+        )
+    }
     context = np.zeros(shape, dtype=bool)
     labels = np.full(shape, -100, dtype=np.int32)
     rel_width = max((sum(inst.segment_rel.shape[0] for inst in row) for row in rows), default=0)
@@ -629,14 +752,17 @@ def prepare_for_finetune(
     rows = []
     for index, sample in enumerate(samples):
         try:
-            enc = encode_sample(tokenizer, sample, max_depth=max_depth, shuffle_answer=shuffle_answer, rng=rng)
+            enc = encode_sample(
+                tokenizer, sample, max_depth=max_depth, shuffle_answer=shuffle_answer, rng=rng
+            )
         except ValueError as err:
             raise ValueError(f"sample {index}: {err}") from None
         if len(enc) > max_length:
             raise ValueError(f"sample {index}: {len(enc)} tokens, more than max_length={max_length}")
         rows.append([join_samples(enc, raw=sample)])
-    batch = make_training_batch(rows, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
-                                eos_id=tokenizer.eos_id)
+    batch = make_training_batch(
+        rows, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id
+    )
     if return_tensors is None:
         return batch
     if return_tensors != "pt":

@@ -144,11 +144,11 @@ class _Matcher:
         self.lengths = {p: tuple(sorted(lens, reverse=True)) for p, lens in by_prefix.items()}
         self.split_cached = lru_cache(maxsize=1 << 16)(self.split)
 
-    def split(self, text: str) -> tuple[tuple[str, int], ...]:
-        """``(piece, id)`` pairs; unknown runs have id ``-1``."""
+    def split(self, text: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """Ids and texts of the pieces; an unknown-character run has id ``-1``."""
         ids, lengths = self.ids, self.lengths
-        out: list[tuple[str, int]] = []
-        append = out.append
+        out_ids: list[int] = []
+        out_text: list[str] = []
         n = len(text)
         i = 0
         unk_start = -1
@@ -170,15 +170,18 @@ class _Matcher:
                     i += 1
                     continue
             if unk_start >= 0:
-                append((text[unk_start:i], -1))
+                out_ids.append(-1)
+                out_text.append(text[unk_start:i])
                 unk_start = -1
-            append((piece, ids[piece]))
+            out_ids.append(ids[piece])
+            out_text.append(piece)
             i += len(piece)
         if unk_start >= 0:
-            append((text[unk_start:], -1))
-        return tuple(out)
+            out_ids.append(-1)
+            out_text.append(text[unk_start:])
+        return tuple(out_ids), tuple(out_text)
 
-    def __call__(self, text: str) -> tuple[tuple[str, int], ...]:
+    def __call__(self, text: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
         return self.split_cached(text) if len(text) <= _CACHED_PART_LEN else self.split(text)
 
 
@@ -286,7 +289,8 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
             if index & 1:
                 out.append(Piece(part, SPECIAL))
             elif part:
-                out.extend(Piece(p, NORMAL if i >= 0 else UNKNOWN) for p, i in self._matcher(part))
+                ids, texts = self._matcher(part)
+                out.extend(Piece(p, NORMAL if i >= 0 else UNKNOWN) for i, p in zip(ids, texts))
         return out
 
     def encode(  # type: ignore[override]
@@ -315,8 +319,13 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
                 else:
                     ids.append(self._ext_id(part, table, reverse))
             elif part:
-                for piece, token_id in matcher(part):
-                    ids.append(token_id if token_id >= 0 else self._ext_id(piece, table, reverse))
+                part_ids, texts = matcher(part)
+                if -1 in part_ids:
+                    ids.extend(
+                        i if i >= 0 else self._ext_id(t, table, reverse) for i, t in zip(part_ids, texts)
+                    )
+                else:
+                    ids.extend(part_ids)
 
     def _ext_id(self, text: str, table: dict[int, str], reverse: dict[str, int]) -> int:
         token_id = reverse.get(text)

@@ -60,11 +60,24 @@ def tokenizer(vocab_file):
 
 
 # A small synthetic vocabulary in the CPM-Bee layout, for tests that need no real data.
-TINY_SPECIALS = ["<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<root>", "<ans>", "<option>"]
-TINY_WORDS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?:;'\"()[]{}-_=+*/<>@#$%&") + [
-    "the", " the", "an", " a", "in", "on", "is", " is", "input", "prompt", "question", "options",
-    "今", "天", "气", "不", "错", "，", "。", "好", "你", "我", "他", "是", "的", "中", "国", "北", "京",
-    "今天", "天气", "不错", "中国", "北京", "<eod>",
+TINY_SPECIALS = [
+    "<pad>",
+    "<unk>",
+    "<mask>",
+    "<sep>",
+    "</n>",
+    "</_>",
+    "<s>",
+    "</s>",
+    "<root>",
+    "<ans>",
+    "<option>",
+]
+TINY_WORDS = [
+    *"abcdefghijklmnopqrstuvwxyz0123456789.,!?:;'\"()[]{}-_=+*/<>@#$%&",
+    *["the", " the", "an", " a", "in", "on", "is", " is", "input", "prompt", "question", "options"],
+    *"今天气不错，。好你我他是的中国北京",
+    *["今天", "天气", "不错", "中国", "北京", "<eod>"],
 ]
 
 
@@ -85,9 +98,17 @@ def tiny_tokenizer(tiny_vocab_file):
 def tiny_config(vocab_size: int, **overrides):
     from cpmbee import CpmBeeConfig
 
-    kwargs = dict(vocab_size=vocab_size, hidden_size=32, num_attention_heads=4, dim_head=8, dim_ff=48,
-                  num_hidden_layers=3, position_bias_num_buckets=32, position_bias_num_segment_buckets=32,
-                  position_bias_max_distance=64)
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_attention_heads=4,
+        dim_head=8,
+        dim_ff=48,
+        num_hidden_layers=3,
+        position_bias_num_buckets=32,
+        position_bias_num_segment_buckets=32,
+        position_bias_max_distance=64,
+    )
     kwargs.update(overrides)
     return CpmBeeConfig(**kwargs)
 

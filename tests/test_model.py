@@ -15,16 +15,30 @@ from .conftest import GOLDEN, load_golden, random_weights_, require_shared, tiny
 MODELS = ("p_base", "p_mask")
 # FORMAT.md §9
 ATOL_HIDDEN, ATOL_LOGITS = 1e-5, 1e-4
-FORWARD_ARGS = {"input": "input_ids", "input_sub": "input_id_sub", "length": "length", "context": "context",
-                "sample_ids": "sample_ids", "num_segments": "num_segments", "segment": "segment",
-                "segment_rel_offset": "segment_rel_offset", "segment_rel": "segment_rel", "span": "span",
-                "ext_table_ids": "ext_table_ids", "ext_table_sub": "ext_table_sub", "position": "position"}
+FORWARD_ARGS = {
+    "input": "input_ids",
+    "input_sub": "input_id_sub",
+    "length": "length",
+    "context": "context",
+    "sample_ids": "sample_ids",
+    "num_segments": "num_segments",
+    "segment": "segment",
+    "segment_rel_offset": "segment_rel_offset",
+    "segment_rel": "segment_rel",
+    "span": "span",
+    "ext_table_ids": "ext_table_ids",
+    "ext_table_sub": "ext_table_sub",
+    "position": "position",
+}
 
 
 @functools.cache
 def golden_model(name: str, attn: str) -> CpmBeeForCausalLM:
-    return load_model(GOLDEN / f"weights_{name}.safetensors", config=GOLDEN / f"config_{name}.json",
-                      attn_implementation=attn)
+    return load_model(
+        GOLDEN / f"weights_{name}.safetensors",
+        config=GOLDEN / f"config_{name}.json",
+        attn_implementation=attn,
+    )
 
 
 @functools.cache
@@ -35,25 +49,35 @@ def golden_tensors(name: str) -> dict[str, torch.Tensor]:
 
 
 def _args(tensors, prefix):
-    return {FORWARD_ARGS[key[len(prefix):]]: value for key, value in tensors.items()
-            if key.startswith(prefix) and key[len(prefix):] in FORWARD_ARGS}
+    return {
+        FORWARD_ARGS[key[len(prefix) :]]: value
+        for key, value in tensors.items()
+        if key.startswith(prefix) and key[len(prefix) :] in FORWARD_ARGS
+    }
 
 
 def _check_outputs(logits, hidden, tensors, prefix, where):
     cols = tensors[prefix + "out/logits_cols"]
     assert logits.shape[-1] == cols.max().item() + 1 or logits.shape[-1] > cols.max().item()
     torch.testing.assert_close(hidden, tensors[prefix + "out/hidden"], atol=ATOL_HIDDEN, rtol=0, msg=where)
-    torch.testing.assert_close(logits[..., cols], tensors[prefix + "out/logits_sel"], atol=ATOL_LOGITS, rtol=0, msg=where)
-    torch.testing.assert_close(torch.logsumexp(logits, -1), tensors[prefix + "out/logsumexp"], atol=ATOL_LOGITS,
-                               rtol=0, msg=where)
+    torch.testing.assert_close(
+        logits[..., cols], tensors[prefix + "out/logits_sel"], atol=ATOL_LOGITS, rtol=0, msg=where
+    )
+    torch.testing.assert_close(
+        torch.logsumexp(logits, -1), tensors[prefix + "out/logsumexp"], atol=ATOL_LOGITS, rtol=0, msg=where
+    )
     top_values = tensors[prefix + "out/top_values"]
-    torch.testing.assert_close(torch.topk(logits, top_values.shape[-1]).values, top_values, atol=ATOL_LOGITS, rtol=0)
+    torch.testing.assert_close(
+        torch.topk(logits, top_values.shape[-1]).values, top_values, atol=ATOL_LOGITS, rtol=0
+    )
     # argmax may differ only where the top-2 gap is below the tolerance (FORMAT.md §9)
     gap = top_values[..., 0] - top_values[..., 1]
     same = logits.argmax(-1) == tensors[prefix + "out/argmax"]
     assert bool((same | (gap < ATOL_LOGITS)).all()), where
     if prefix + "out/logits" in tensors:
-        torch.testing.assert_close(logits, tensors[prefix + "out/logits"], atol=ATOL_LOGITS, rtol=0, msg=where)
+        torch.testing.assert_close(
+            logits, tensors[prefix + "out/logits"], atol=ATOL_LOGITS, rtol=0, msg=where
+        )
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -92,7 +116,9 @@ def test_incremental_matches_golden(name, attn):
             assert cache.meta["context"][:, : len(cache)].tolist() == buf["buffer_context"]
             assert cache.meta["sample_ids"][:, : len(cache)].tolist() == buf["buffer_sample_ids"]
             assert cache.meta["segment"][:, : len(cache)].tolist() == buf["buffer_segments"]
-            assert cache.meta["valid"][:, : len(cache)].tolist() == [[n != 0 for n in row] for row in buf["buffer_num_segments"]]
+            assert cache.meta["valid"][:, : len(cache)].tolist() == [
+                [n != 0 for n in row] for row in buf["buffer_num_segments"]
+            ]
 
 
 # ------------------------------------------------------------------------------------------------ invariants
@@ -100,7 +126,9 @@ def _random_batch(vocab, batch=3, length=24, n_ext=3, seed=0):
     """A batch with two packed instances per row, in-context samples, answers and right padding."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, length), generator=g, dtype=torch.int32)
-    sub = torch.randint(0, 3, (batch, length), generator=g, dtype=torch.int32) * (torch.rand(batch, length, generator=g) < 0.2)
+    sub = torch.randint(0, 3, (batch, length), generator=g, dtype=torch.int32) * (
+        torch.rand(batch, length, generator=g) < 0.2
+    )
     lengths = torch.tensor([length, length - 5, length - 9][:batch], dtype=torch.int32)
     span = (torch.arange(length) >= length // 2).int().expand(batch, -1).contiguous()
     sample_ids = ((torch.arange(length) % 12) >= 9).int().expand(batch, -1).contiguous()
@@ -111,10 +139,20 @@ def _random_batch(vocab, batch=3, length=24, n_ext=3, seed=0):
     offset = torch.where(sample_ids > 0, 9, 0).int()
     for b, n in enumerate(lengths.tolist()):
         num_segments[b, n:] = 0
-    return dict(input_ids=ids, input_id_sub=sub.int(), length=lengths, context=context, sample_ids=sample_ids,
-                num_segments=num_segments, segment=segment, segment_rel_offset=offset, segment_rel=segment_rel,
-                span=span, ext_table_ids=torch.randint(0, vocab, (n_ext,), generator=g, dtype=torch.int32),
-                ext_table_sub=torch.arange(1, n_ext + 1, dtype=torch.int32))
+    return dict(
+        input_ids=ids,
+        input_id_sub=sub.int(),
+        length=lengths,
+        context=context,
+        sample_ids=sample_ids,
+        num_segments=num_segments,
+        segment=segment,
+        segment_rel_offset=offset,
+        segment_rel=segment_rel,
+        span=span,
+        ext_table_ids=torch.randint(0, vocab, (n_ext,), generator=g, dtype=torch.int32),
+        ext_table_sub=torch.arange(1, n_ext + 1, dtype=torch.int32),
+    )
 
 
 def _tiny_model(**overrides):
@@ -153,7 +191,10 @@ def test_cache_reorder_follows_rows():
     for key in ("length", "span", "sample_ids", "segment_rel_offset"):
         batch.pop(key)
     batch["num_segments"][:] = 3
-    nxt = {"input_ids": torch.tensor([[5], [6], [7]], dtype=torch.int32), "position": torch.full((3, 1), 10, dtype=torch.int32)}
+    nxt = {
+        "input_ids": torch.tensor([[5], [6], [7]], dtype=torch.int32),
+        "position": torch.full((3, 1), 10, dtype=torch.int32),
+    }
     with torch.no_grad():
         cache = model(**batch, use_cache=True).past_key_values
         cache.reorder(torch.tensor([2, 0, 0]))
@@ -171,7 +212,10 @@ def test_mask_modules_remove_parameters():
     assert "cpmbee.encoder.layers.0.ffn.ffn.w_in.w_0.weight" in keys
     assert not any(k.startswith("cpmbee.encoder.layers.1.ffn") for k in keys)
     assert not any(k.startswith("cpmbee.encoder.layers.2.") for k in keys)
-    assert "cpmbee.encoder.output_layernorm.weight" in keys and "cpmbee.position_bias.relative_attention_bias" in keys
+    assert (
+        "cpmbee.encoder.output_layernorm.weight" in keys
+        and "cpmbee.position_bias.relative_attention_bias" in keys
+    )
 
 
 def test_padded_rows_give_finite_gradients_and_loss_matches_manual_ce():

@@ -22,23 +22,39 @@ from cpmbee.prompt import (
 from .conftest import load_golden
 
 # golden field name -> our attribute name
-PROCESS_LIST_FIELDS = {"input": "input_ids", "input_sub": "input_id_sub", "input_pos": "position",
-                       "sample_idx": "sample_ids", "batch_ext_table_ids": "ext_table_ids",
-                       "batch_ext_table_sub": "ext_table_sub"}
-PACKER_FIELDS = {"inputs": "input_ids", "inputs_sub": "input_id_sub", "segment_ids": "segment", "spans": "span",
-                 "target": "labels", "ext_ids": "ext_table_ids", "ext_sub": "ext_table_sub"}
+PROCESS_LIST_FIELDS = {
+    "input": "input_ids",
+    "input_sub": "input_id_sub",
+    "input_pos": "position",
+    "sample_idx": "sample_ids",
+    "batch_ext_table_ids": "ext_table_ids",
+    "batch_ext_table_sub": "ext_table_sub",
+}
+PACKER_FIELDS = {
+    "inputs": "input_ids",
+    "inputs_sub": "input_id_sub",
+    "segment_ids": "segment",
+    "spans": "span",
+    "target": "labels",
+    "ext_ids": "ext_table_ids",
+    "ext_sub": "ext_table_sub",
+}
 
 
 def _state(states):
     if states is None:
         return None
-    return ExtState({int(i): s for i, s in states["ext_table"]},
-                    {fam: {int(i): sub for i, sub in members} for fam, members in states["token_id_table"]})
+    return ExtState(
+        {int(i): s for i, s in states["ext_table"]},
+        {fam: {int(i): sub for i, sub in members} for fam, members in states["token_id_table"]},
+    )
 
 
 def _state_json(state: ExtState):
-    return {"ext_table": [[i, s] for i, s in state.ext_table.items()],
-            "token_id_table": [[f, [[i, s] for i, s in m.items()]] for f, m in state.token_id_table.items()]}
+    return {
+        "ext_table": [[i, s] for i, s in state.ext_table.items()],
+        "token_id_table": [[f, [[i, s] for i, s in m.items()]] for f, m in state.token_id_table.items()],
+    }
 
 
 def test_encode_sample_matches_golden(tokenizer):
@@ -46,8 +62,12 @@ def test_encode_sample_matches_golden(tokenizer):
     assert len(cases) >= 10
     for case in cases:
         rng = np.random.RandomState(case["np_seed"]) if case["np_seed"] is not None else None
-        kwargs = dict(max_depth=case["max_depth"], shuffle_answer=case["shuffle_answer"], rng=rng,
-                      ext_state=_state(case["prev_ext_states"]))
+        kwargs = dict(
+            max_depth=case["max_depth"],
+            shuffle_answer=case["shuffle_answer"],
+            rng=rng,
+            ext_state=_state(case["prev_ext_states"]),
+        )
         if case["error"] is not None:
             with pytest.raises(ValueError, match=r"data"):  # always names the field
                 encode_sample(tokenizer, case["data"], **kwargs)
@@ -65,7 +85,10 @@ def test_encode_sample_matches_golden(tokenizer):
         assert _state_json(enc.ext_state) == expected["ext_states"], case["name"]
         if prev is not None:  # the original mutates its argument; we return the new state instead
             assert kwargs["ext_state"] == prev
-            assert _state_json(enc.ext_state)["token_id_table"] == case["prev_ext_states_after_call"]["token_id_table"]
+            assert (
+                _state_json(enc.ext_state)["token_id_table"]
+                == case["prev_ext_states_after_call"]["token_id_table"]
+            )
 
 
 @pytest.mark.parametrize(
@@ -145,10 +168,19 @@ def test_packer_matches_golden(tokenizer):
             reads[0] += 1
             return copy.deepcopy(items[(reads[0] - 1) % len(items)])
 
-        builder = InstanceBuilder(tokenizer, scenario["max_length"], scenario["max_depth"],
-                                  rng=np.random.RandomState(scenario["np_seed"]))
-        packer = BatchPacker(scenario["batch_size"], scenario["max_length"], vocab_size=tokenizer.vocab_size,
-                             bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+        builder = InstanceBuilder(
+            tokenizer,
+            scenario["max_length"],
+            scenario["max_depth"],
+            rng=np.random.RandomState(scenario["np_seed"]),
+        )
+        packer = BatchPacker(
+            scenario["batch_size"],
+            scenario["max_length"],
+            vocab_size=tokenizer.vocab_size,
+            bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id,
+        )
         expected_batches = [(r["batch"], r["dataset_reads_so_far"]) for r in scenario["add_data_results"]]
         if scenario["final_forced_batch"] is not None:
             expected_batches.append((scenario["final_forced_batch"], None))
@@ -156,8 +188,10 @@ def test_packer_matches_golden(tokenizer):
             if reads_so_far is None:
                 batch = packer.pack(force=True)
             else:
-                batch = packer.add(builder.build(read, scenario["transforms"], scenario["incontext_weight"]),
-                                   scenario["task_name"])
+                batch = packer.add(
+                    builder.build(read, scenario["transforms"], scenario["incontext_weight"]),
+                    scenario["task_name"],
+                )
                 assert reads[0] == reads_so_far, scenario["name"]
             assert (batch is None) == (expected is None), scenario["name"]
             if batch is None:
@@ -196,13 +230,18 @@ def test_fill_answers_and_in_context_prompt(tiny_tokenizer):
 
 
 def test_prepare_for_finetune_labels(tiny_tokenizer):
-    batch = prepare_for_finetune(tiny_tokenizer, [{"input": "今天", "<ans>": "天气"}, {"input": "a", "<ans>": "bc"}])
+    batch = prepare_for_finetune(
+        tiny_tokenizer, [{"input": "今天", "<ans>": "天气"}, {"input": "a", "<ans>": "bc"}]
+    )
     labels, ids = batch["labels"], batch["input_ids"]
     assert labels.shape == ids.shape and ids.shape[1] == int(batch["length"].max())  # padded to the longest
     row = ids[0, : int(batch["length"][0])].tolist()
     ans_start = len(row) - 2  # <s> 天气  (answers have no </s>; 天气 is one token)
-    assert row[ans_start :] == [tiny_tokenizer.bos_id, tiny_tokenizer.encoder["天气"]]
-    assert labels[0, ans_start : ans_start + 2].tolist() == [tiny_tokenizer.encoder["天气"], tiny_tokenizer.eos_id]
+    assert row[ans_start:] == [tiny_tokenizer.bos_id, tiny_tokenizer.encoder["天气"]]
+    assert labels[0, ans_start : ans_start + 2].tolist() == [
+        tiny_tokenizer.encoder["天气"],
+        tiny_tokenizer.eos_id,
+    ]
     assert (labels[0, :ans_start] == -100).all()
-    with pytest.raises(ValueError, match="sample 0: .* more than max_length=4"):
+    with pytest.raises(ValueError, match=r"sample 0: .* more than max_length=4"):
         prepare_for_finetune(tiny_tokenizer, {"input": "今天", "<ans>": "天气"}, max_length=4)

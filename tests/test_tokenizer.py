@@ -24,10 +24,19 @@ def _table(pairs):
 def test_fixed_ids_match_golden(tokenizer, golden):
     assert tokenizer.vocab_size == golden["vocab_size"]
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id, tokenizer.mask_id) == (
-        golden["bos_id"], golden["eos_id"], golden["unk_id"], golden["mask_id"])
+        golden["bos_id"],
+        golden["eos_id"],
+        golden["unk_id"],
+        golden["mask_id"],
+    )
     assert tokenizer.max_word_len == golden["max_word_len"]
-    assert sorted(tokenizer.special_vocab.items(), key=lambda kv: kv[1]) == [tuple(x) for x in golden["special_tokens"]]
-    assert tokenizer.encoder["\n"] == golden["line_token_id"] and tokenizer.encoder[" "] == golden["space_token_id"]
+    assert sorted(tokenizer.special_vocab.items(), key=lambda kv: kv[1]) == [
+        tuple(x) for x in golden["special_tokens"]
+    ]
+    assert (
+        tokenizer.encoder["\n"] == golden["line_token_id"]
+        and tokenizer.encoder[" "] == golden["space_token_id"]
+    )
 
 
 def test_encode_decode_pieces_match_golden(tokenizer, golden):
@@ -94,7 +103,7 @@ def test_split_special_states():
 
 def test_escape_roundtrip_on_random_text(tokenizer):
     rng = random.Random(7)
-    alphabet = list("ab <>\n\t中文天气😀é") + ["<mask_1>", "<<"]
+    alphabet = [*list("ab <>\n\t中文天气😀é"), "<mask_1>", "<<"]
     for _ in range(300):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
         safe = escape(text)
@@ -123,7 +132,7 @@ def _naive_split(vocab, text):
 def test_greedy_longest_match_against_oracle(tiny_tokenizer):
     vocab = {w for w in tiny_tokenizer.encoder if w not in tiny_tokenizer.special_vocab}
     rng = random.Random(3)
-    alphabet = list("theanis input今天气不错中国北京xyZ😀 ") + ["the", "今天", "北京"]
+    alphabet = [*list("theanis input今天气不错中国北京xyZ😀 "), "the", "今天", "北京"]
     for _ in range(500):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25)))
         assert [p.text for p in tiny_tokenizer.pieces(text)] == _naive_split(vocab, text)

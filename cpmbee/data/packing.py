@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from ..prompt import DEFAULT_MAX_DEPTH, EncodedSample, TrainingBatch, TrainingSample, encode_sample, join_samples, make_training_batch
+from ..prompt import (
+    DEFAULT_MAX_DEPTH,
+    EncodedSample,
+    TrainingBatch,
+    TrainingSample,
+    encode_sample,
+    join_samples,
+    make_training_batch,
+)
 from .transforms import apply_transform
 
 __all__ = ["BatchPacker", "InstanceBuilder", "Transform"]
@@ -48,8 +56,14 @@ class InstanceBuilder:
     skipped_too_long: int = 0
 
     def _encode(self, record: Any, state: Any = None) -> EncodedSample:
-        return encode_sample(self.tokenizer, record, max_depth=self.max_depth, shuffle_answer=True,
-                             rng=self.rng, ext_state=state)
+        return encode_sample(
+            self.tokenizer,
+            record,
+            max_depth=self.max_depth,
+            shuffle_answer=True,
+            rng=self.rng,
+            ext_state=state,
+        )
 
     def build(
         self,
@@ -60,7 +74,9 @@ class InstanceBuilder:
         """Read records with ``read()`` until one fits, then add in-context records while they fit."""
         weights = np.asarray(incontext_weight, dtype=np.float32)
         if weights.ndim != 1 or weights.size == 0 or (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"incontext_weight must be non-negative weights with a positive sum, got {incontext_weight!r}")
+            raise ValueError(
+                f"incontext_weight must be non-negative weights with a positive sum, got {incontext_weight!r}"
+            )
         num_incontext = int(self.rng.choice(weights.shape[0], p=weights / weights.sum()))
 
         if callable(transforms):
@@ -70,6 +86,7 @@ class InstanceBuilder:
             def transform(record: Any) -> Any:
                 return func(record, num_incontext, random.Random(seed))
         elif len(transforms) == 0:
+
             def transform(record: Any) -> Any:
                 return record
         else:
@@ -112,7 +129,9 @@ class _Row:
 class BatchPacker:
     """Best-fit packing of instances into ``batch_size`` rows of ``max_length`` tokens."""
 
-    def __init__(self, batch_size: int, max_length: int, *, vocab_size: int, bos_id: int, eos_id: int) -> None:
+    def __init__(
+        self, batch_size: int, max_length: int, *, vocab_size: int, bos_id: int, eos_id: int
+    ) -> None:
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size and max_length must be positive, got {batch_size} and {max_length}")
         self.batch_size = batch_size
@@ -151,5 +170,8 @@ class BatchPacker:
             raise RuntimeError("no rows to pack")
         rows, self.rows = self.rows[: self.batch_size], self.rows[self.batch_size :]
         return make_training_batch(
-            [r.instances for r in rows], length=self.max_length, tasks=[r.tasks for r in rows], **self._token_ids
+            [r.instances for r in rows],
+            length=self.max_length,
+            tasks=[r.tasks for r in rows],
+            **self._token_ids,
         )

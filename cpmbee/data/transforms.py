@@ -28,7 +28,9 @@ def _flatten(template: Mapping[str, Any], prefix: str = "") -> list[tuple[str, s
         elif isinstance(value, str):
             out.append((target, value))
         else:
-            raise ValueError(f"transform entry {target!r}: expected a string or a dict, got {type(value).__name__}")
+            raise ValueError(
+                f"transform entry {target!r}: expected a string or a dict, got {type(value).__name__}"
+            )
     return out
 
 
@@ -48,7 +50,9 @@ def validate_template(template: Any) -> None:
             raise ValueError(f"transform entry {target!r}: a constant value cannot have '*' in its target")
 
 
-def _expand(data: Any, path: list[str], stars: list[str], target: str, source: str, out: list[tuple[str, Any]]) -> None:
+def _expand(
+    data: Any, path: list[str], stars: list[str], target: str, source: str, out: list[tuple[str, Any]]
+) -> None:
     if not path:
         parts = target.split(".")
         if parts.count("*") != len(stars):
@@ -57,7 +61,9 @@ def _expand(data: Any, path: list[str], stars: list[str], target: str, source: s
         out.append((".".join(next(it) if p == "*" else p for p in parts), data))
         return
     if not isinstance(data, Mapping):
-        raise ValueError(f"transform entry {target!r}: {source!r} walks into a {type(data).__name__}, not a dict")
+        raise ValueError(
+            f"transform entry {target!r}: {source!r} walks into a {type(data).__name__}, not a dict"
+        )
     head, rest = path[0], path[1:]
     if head == "*":
         for key, value in data.items():

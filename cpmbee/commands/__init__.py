@@ -1,0 +1,1 @@
+"""Subcommands of the ``cpmbee`` CLI (registered in ``cpmbee.__main__.COMMANDS``)."""
