@@ -55,7 +55,10 @@ def main() -> None:
     if not ckpt.is_file():
         with torch.device("meta"):
             model = CpmBeeForCausalLM(config)
-        state = {k.removeprefix("cpmbee."): torch.randn(v.shape, dtype=torch.float16) for k, v in model.state_dict().items()}
+        state = {
+            k.removeprefix("cpmbee."): torch.randn(v.shape, dtype=torch.float16)
+            for k, v in model.state_dict().items()
+        }
         torch.save(state, ckpt)
         del state
     config.to_json_file(config_path)
@@ -63,9 +66,13 @@ def main() -> None:
     print(f"checkpoint {ckpt.name}: {size / 2**30:.2f} GiB")
     for method in ("cpmbee", "naive"):
         code = CHILD.format(root=str(ROOT), path=str(ckpt), method=method, config=str(config_path))
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
         params, peak = int(out[0]), int(out[1])
-        print(f"{method:7s}: {params / 1e9:.2f}B params, peak RSS {peak / 2**30:.2f} GiB = {peak / size:.2f}x the file")
+        print(
+            f"{method:7s}: {params / 1e9:.2f}B params, peak RSS {peak / 2**30:.2f} GiB = {peak / size:.2f}x the file"
+        )
 
 
 if __name__ == "__main__":

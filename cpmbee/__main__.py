@@ -10,6 +10,7 @@ import click
 
 # name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
+    "build-vocab": "cpmbee.commands.build_vocab:build_vocab",
     "convert": "cpmbee.commands.convert:convert",
 }
 

@@ -24,7 +24,11 @@ from .conftest import REPO_ROOT
 def test_schedules():
     cosine = lr_multiplier("cosine", warmup_steps=10, total_steps=110, min_ratio=0.1)
     assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
-    assert cosine(60) == pytest.approx(0.55) and cosine(110) == pytest.approx(0.1) and cosine(500) == pytest.approx(0.1)
+    assert (
+        cosine(60) == pytest.approx(0.55)
+        and cosine(110) == pytest.approx(0.1)
+        and cosine(500) == pytest.approx(0.1)
+    )
     linear = lr_multiplier("linear", 0, 100)
     assert linear(50) == pytest.approx(0.5)
     noam = lr_multiplier("noam", warmup_steps=2000)
@@ -47,8 +51,15 @@ def test_jsonl_sink_rotates_per_day_and_keeps_json_valid(tmp_path):
     sink = JsonlSink(tmp_path, utc_offset_hours=16)
     day1 = dt.datetime(2026, 1, 1, 7, 59, tzinfo=dt.timezone.utc)  # 23:59 at UTC+16
     for i, when in enumerate([day1, day1 + dt.timedelta(minutes=2)]):
-        sink.log({"type": "train", "step": i, "time": when.isoformat(), "loss": math.nan if i else 1.5,
-                  "task_loss": {"qa": math.inf}})
+        sink.log(
+            {
+                "type": "train",
+                "step": i,
+                "time": when.isoformat(),
+                "loss": math.nan if i else 1.5,
+                "task_loss": {"qa": math.inf},
+            }
+        )
     sink.close()
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["metrics-2026-01-01.jsonl", "metrics-2026-01-02.jsonl"]
@@ -100,7 +111,13 @@ def test_checkpoint_roundtrip_and_pruning(tmp_path):
     model, opt, sched = _model_and_opt(0)
     for step in (10, 20, 30, 40):
         torch.manual_seed(step)
-        manager.save(step, model_state=model.state_dict(), optimizer=opt, scheduler=sched, state={"data": {"pos": step}})
+        manager.save(
+            step,
+            model_state=model.state_dict(),
+            optimizer=opt,
+            scheduler=sched,
+            state={"data": {"pos": step}},
+        )
     assert [s for s, _ in manager.checkpoints()] == [20, 30, 40]  # 10 pruned, 20 kept by keep_every
     assert manager.latest().name == "step-00000040"
     expected_next = torch.rand(3)

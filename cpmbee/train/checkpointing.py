@@ -109,7 +109,9 @@ class CheckpointManager:
         keep_every: additionally never delete checkpoints whose step is a multiple of this.
     """
 
-    def __init__(self, directory: str | os.PathLike, keep_last: int | None = 3, keep_every: int | None = None) -> None:
+    def __init__(
+        self, directory: str | os.PathLike, keep_last: int | None = 3, keep_every: int | None = None
+    ) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be at least 1 (or None), got {keep_last}")
         self.directory = Path(directory)
@@ -240,11 +242,17 @@ class CheckpointManager:
             weights = load_file(str(path / "model.safetensors"))
             missing, unexpected = model.load_state_dict(weights, strict=False)
             if strict and (missing or unexpected):
-                raise ValueError(f"{path}: checkpoint does not match the model; missing {missing[:5]}, unexpected {unexpected[:5]}")
+                raise ValueError(
+                    f"{path}: checkpoint does not match the model; missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
         if optimizer is not None:
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+            optimizer.load_state_dict(
+                torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            )
         if scheduler is not None:
-            scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+            scheduler.load_state_dict(
+                torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
+            )
         if restore_rng_state and "rng" in meta and (path / "rng.safetensors").is_file():
             from safetensors.torch import load_file
 

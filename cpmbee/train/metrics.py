@@ -67,7 +67,9 @@ class MetricsSink(Protocol):
 class JsonlSink:
     """Append records to ``<directory>/metrics-<day>.jsonl``, one JSON object per line."""
 
-    def __init__(self, directory: str | os.PathLike, *, utc_offset_hours: float = 0.0, prefix: str = "metrics") -> None:
+    def __init__(
+        self, directory: str | os.PathLike, *, utc_offset_hours: float = 0.0, prefix: str = "metrics"
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.offset = dt.timedelta(hours=utc_offset_hours)
@@ -82,7 +84,11 @@ class JsonlSink:
         return self.directory / f"{self.prefix}-{day}.jsonl"
 
     def log(self, record: Mapping[str, Any]) -> None:
-        when = dt.datetime.fromisoformat(record["time"]) if "time" in record else dt.datetime.now(dt.timezone.utc)
+        when = (
+            dt.datetime.fromisoformat(record["time"])
+            if "time" in record
+            else dt.datetime.now(dt.timezone.utc)
+        )
         day = self.day_of(when)
         if day != self._day:
             self.close()
@@ -107,7 +113,9 @@ class TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("TensorBoard logging needs the `tensorboard` package: pip install tensorboard") from err
+            raise ImportError(
+                "TensorBoard logging needs the `tensorboard` package: pip install tensorboard"
+            ) from err
         self.writer = SummaryWriter(str(log_dir))
 
     def log(self, record: Mapping[str, Any]) -> None:
@@ -138,7 +146,9 @@ class TensorBoardSink:
 class ConsoleSink:
     """A progress bar over ``train`` records, other records printed as one line each."""
 
-    def __init__(self, total_steps: int | None = None, *, initial: int = 0, fields: tuple[str, ...] = ("loss", "lr")) -> None:
+    def __init__(
+        self, total_steps: int | None = None, *, initial: int = 0, fields: tuple[str, ...] = ("loss", "lr")
+    ) -> None:
         from tqdm.auto import tqdm
 
         self._tqdm = tqdm
@@ -155,7 +165,11 @@ class ConsoleSink:
             shown = {k: record[k] for k in self.fields if k in record}
             self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()})
         elif kind is not None:
-            summary = ", ".join(f"{k}={v}" for k, v in record.items() if k not in ("type", "time") and not isinstance(v, (dict, list)))
+            summary = ", ".join(
+                f"{k}={v}"
+                for k, v in record.items()
+                if k not in ("type", "time") and not isinstance(v, (dict, list))
+            )
             self._tqdm.write(f"[{kind}] {summary}")
 
     def close(self) -> None:
@@ -192,7 +206,9 @@ def _metric_files(directory: Path, prefix: str) -> list[Path]:
     return sorted(directory.glob(f"{prefix}-*.jsonl"))
 
 
-def read_records(directory: str | os.PathLike, *, prefix: str = "metrics", kind: str | None = None) -> Iterator[dict[str, Any]]:
+def read_records(
+    directory: str | os.PathLike, *, prefix: str = "metrics", kind: str | None = None
+) -> Iterator[dict[str, Any]]:
     """All records of a run in order (a torn last line of a live file is skipped)."""
     for path in _metric_files(Path(directory), prefix):
         with open(path, encoding="utf-8") as f:

@@ -63,4 +63,6 @@ def build_scheduler(
     total_steps: int | None = None,
     min_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(kind, warmup_steps, total_steps, min_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_multiplier(kind, warmup_steps, total_steps, min_ratio)
+    )
