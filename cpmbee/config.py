@@ -116,7 +116,9 @@ class CpmBeeConfig(PreTrainedConfig):
         num_hidden_layers [num_layers]: transformer layers.
         dropout_p: dropout on attention probabilities and on both residual branches (training only).
         position_bias_num_buckets: buckets of the in-segment relative-position bias.
-        position_bias_num_segment_buckets: buckets of the segment-relation bias.
+        position_bias_num_segment_buckets: buckets of the segment-relation bias. Inputs encoded with
+            ``max_depth = M`` use relation buckets up to ``M * M``, so this must be at least ``M * M + 1``
+            (65 for the default M = 8; the released models have 256).
         position_bias_max_distance: distance at which the log-spaced position buckets saturate.
         eps: RMSNorm epsilon.
         init_std: std of the linear weights at random init (the linears divide by sqrt(fan_in)).

@@ -38,6 +38,21 @@ def load_golden(name: str) -> dict:
         return json.load(f)
 
 
+def golden_model_names() -> list[str]:
+    """Names of the golden models (``meta.json``), so any golden set runs through the same tests."""
+    if not (GOLDEN / "meta.json").is_file():
+        return ["(golden data missing)"]
+    with open(GOLDEN / "meta.json", encoding="utf-8") as f:
+        return [m["name"] for m in json.load(f)["models"]]
+
+
+def golden_masked_model_name() -> str:
+    """A golden model with ``mask_modules`` (pruned layers) when the set has one, else the first model."""
+    with open(GOLDEN / "meta.json", encoding="utf-8") as f:
+        models = json.load(f)["models"]
+    return next((m["name"] for m in models if m["config"].get("mask_modules")), models[0]["name"])
+
+
 @pytest.fixture(autouse=True)
 def _torch_defaults():
     torch.manual_seed(0)

@@ -13,19 +13,20 @@ from cpmbee import CpmBeeConfig, CpmBeeForCausalLM
 from cpmbee.__main__ import cli
 from cpmbee.checkpoint import load_model, load_state_dict
 
-from .conftest import GOLDEN, VOCAB, require_shared
+from .conftest import GOLDEN, VOCAB, golden_masked_model_name, require_shared
 
 
 @pytest.fixture()
 def original_checkpoint(tmp_path):
-    """The golden p_mask model (masked layers) laid out like a released original checkpoint."""
+    """A golden model (with masked layers) laid out like a released original checkpoint."""
     require_shared()
     from safetensors.torch import load_file
 
-    state = load_file(str(GOLDEN / "weights_p_mask.safetensors"))
+    name = golden_masked_model_name()
+    state = load_file(str(GOLDEN / f"weights_{name}.safetensors"))
     assert not any(k.startswith("cpmbee.") for k in state)
     torch.save(state, tmp_path / "cpm-bee-tiny.pt")
-    shutil.copy(GOLDEN / "config_p_mask.json", tmp_path / "cpm-bee-tiny.json")  # original field names
+    shutil.copy(GOLDEN / f"config_{name}.json", tmp_path / "cpm-bee-tiny.json")  # original field names
     shutil.copy(VOCAB, tmp_path / "vocab.txt")
     return tmp_path / "cpm-bee-tiny.pt"
 
@@ -56,7 +57,12 @@ def test_original_pt_converts_and_loads_with_auto_classes(original_checkpoint, t
         "vocab.txt",
     ]
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "cpmbee" and config["hidden_size"] == 32 and "dim_model" not in config
+    original = json.loads((original_checkpoint.parent / "cpm-bee-tiny.json").read_text())
+    assert config["model_type"] == "cpmbee" and "dim_model" not in config
+    assert (
+        config["hidden_size"] == original["dim_model"]
+        and config["num_hidden_layers"] == original["num_layers"]
+    )
 
     reference = load_model(original_checkpoint)  # reads the .pt directly, config found beside it
     model = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -71,7 +77,7 @@ def test_original_pt_converts_and_loads_with_auto_classes(original_checkpoint, t
 def test_half_checkpoint_keeps_fp16_unless_asked(original_checkpoint, tmp_path):
     state = load_state_dict(original_checkpoint)
     torch.save({k: v.half() for k, v in state.items()}, original_checkpoint)
-    config = json.loads((GOLDEN / "config_p_mask.json").read_text())
+    config = json.loads((original_checkpoint.parent / "cpm-bee-tiny.json").read_text())
     config["half"] = True
     (original_checkpoint.parent / "cpm-bee-tiny.json").write_text(json.dumps(config))
     assert load_model(original_checkpoint).dtype == torch.float16

@@ -10,9 +10,9 @@ import torch
 from cpmbee import CpmBeeCache, CpmBeeForCausalLM
 from cpmbee.checkpoint import load_model
 
-from .conftest import GOLDEN, load_golden, random_weights_, require_shared, tiny_config
+from .conftest import GOLDEN, golden_model_names, load_golden, random_weights_, require_shared, tiny_config
 
-MODELS = ("p_base", "p_mask")
+MODELS = golden_model_names()
 # FORMAT.md §9
 ATOL_HIDDEN, ATOL_LOGITS = 1e-5, 1e-4
 FORWARD_ARGS = {

@@ -19,7 +19,7 @@ from cpmbee.prompt import (
     segment_relations,
 )
 
-from .conftest import load_golden
+from .conftest import golden_model_names, load_golden
 
 # golden field name -> our attribute name
 PROCESS_LIST_FIELDS = {
@@ -127,11 +127,10 @@ def test_segment_relations_small_tree():
 
 def _process_list_cases():
     cases = []
-    for name in ("generation_p_base.json", "generation_p_mask.json"):
-        for c in load_golden(name)["cases"]:
+    for model in golden_model_names():
+        for c in load_golden(f"generation_{model}.json")["cases"]:
             cases.append((c["name"], c["input"], c.get("process_list"), c.get("error")))
-    for name in ("model_p_base.json", "model_p_mask.json"):
-        golden = load_golden(name)
+        golden = load_golden(f"model_{model}.json")
         for c in golden["forward"] + golden["incremental"]:
             if "process_list" in c:
                 cases.append((c["name"], c["data"], c["process_list"], None))
