@@ -377,6 +377,37 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         return "".join(out)
 
     # ------------------------------------------------------------------ structured inputs
+    def __call__(self, text: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """Strings go the ``transformers`` way. A CPM-Bee dict (or a list of them) becomes a left-padded
+        generation batch, as the hub tokenizer did: ``model(**tokenizer(data, return_tensors="pt"))``; the
+        ``PromptBatch`` (answer slots, ext tables) is attached as ``.prompt_batch``."""
+        is_structured = isinstance(text, Mapping) or (
+            isinstance(text, (list, tuple)) and len(text) > 0 and isinstance(text[0], Mapping)
+        )
+        if not is_structured:
+            return super().__call__(text, *args, **kwargs)
+        from transformers import BatchEncoding
+
+        from .prompt import collate_prompts, encode_prompt
+
+        batch = collate_prompts(
+            self, [encode_prompt(self, d) for d in ([text] if isinstance(text, Mapping) else text)]
+        )
+        tensor_type = kwargs.get("return_tensors")
+        if tensor_type == "pt":
+            data = batch.model_inputs(kwargs.get("device"))
+        elif tensor_type in (None, "np"):
+            data = {name: getattr(batch, name) for name in batch.TENSOR_FIELDS}
+            if tensor_type is None:
+                data = {k: v.tolist() for k, v in data.items()}
+        else:
+            raise ValueError(
+                f"return_tensors must be 'pt', 'np' or None for structured inputs, got {tensor_type!r}"
+            )
+        encoding = BatchEncoding(data)
+        encoding.prompt_batch = batch
+        return encoding
+
     def prepare_for_finetune(self, data: Any, max_length: int = 2048, **kwargs: Any) -> Any:
         """Structured samples with filled ``<ans>`` → a padded training batch; see ``cpmbee.prompt``."""
         from .prompt import prepare_for_finetune  # the prompt layer builds on this module

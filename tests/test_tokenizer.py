@@ -165,3 +165,20 @@ def test_bad_vocab_file(tmp_path):
 def test_decode_unknown_id_is_a_clear_error(tiny_tokenizer):
     with pytest.raises(InvalidTokenIdError, match="not in the vocabulary"):
         tiny_tokenizer.decode([10_000])
+
+
+def test_call_with_structured_input(tokenizer):
+    import torch
+
+    from cpmbee.prompt import collate_prompts, encode_prompt
+
+    data = [{"input": "今天天气不错", "<ans>": ""}, {"q": "<mask_0>", "<ans>": {"<mask_0>": ""}}]
+    enc = tokenizer(data, return_tensors="pt")
+    expected = collate_prompts(tokenizer, [encode_prompt(tokenizer, d) for d in data]).model_inputs()
+    assert set(enc) == set(expected) and all(torch.equal(enc[k], expected[k]) for k in expected)
+    assert enc.prompt_batch.answer_paths == [[()], [("<mask_0>",)]]
+    assert tokenizer(data[0])["input_ids"] == [
+        expected["input_ids"][0][expected["num_segments"][0] > 0].tolist()
+    ]
+    with pytest.raises(ValueError, match="no '<ans>' key"):
+        tokenizer({"input": "x"})
