@@ -12,6 +12,7 @@ import click
 COMMANDS: dict[str, str] = {
     "build-vocab": "cpmbee.commands.build_vocab:build_vocab",
     "convert": "cpmbee.commands.convert:convert",
+    "data": "cpmbee.commands.data:data",
 }
 
 
