@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     "build-vocab": "cpmbee.commands.build_vocab:build_vocab",
     "convert": "cpmbee.commands.convert:convert",
     "data": "cpmbee.commands.data:data",
+    "finetune": "cpmbee.commands.finetune:finetune",
     "merge-lora": "cpmbee.commands.merge_lora:merge_lora",
 }
 
