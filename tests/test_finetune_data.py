@@ -200,3 +200,14 @@ def test_ccpm_conversion_matches_the_tutorial_data(tmp_path, tokenizer):
     short, _ = fit_to_length(tokenizer, samples[0], full - 3)
     assert short["options"] == samples[0]["options"] and samples[0]["input"].startswith(short["input"])
     json.dumps(short, ensure_ascii=False)  # still plain JSON data
+
+
+def test_the_docs_example_runs(vocab_file):
+    """The first Python example of docs/finetune.md, as written (it reads ../shared/cpm-bee/vocab.txt)."""
+    from .conftest import REPO_ROOT
+
+    text = (REPO_ROOT / "docs" / "finetune.md").read_text(encoding="utf-8")
+    start = text.index("```python\nimport torch") + len("```python\n")
+    code = text[start : text.index("```", start)]
+    code = code.replace("../shared/cpm-bee/vocab.txt", str(vocab_file))
+    exec(compile(code, "docs/finetune.md", "exec"), {})
