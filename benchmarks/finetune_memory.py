@@ -151,6 +151,10 @@ def main() -> None:
     args = parser.parse_args()
 
     config = CpmBeeConfig.from_preset(args.preset)
+    if config.mask_modules and not args.no_measure:
+        parser.error(
+            f"{args.preset} is pruned (mask_modules): activations are measured per full layer; use --no-measure"
+        )
     n = parameter_count(config)
     n_lora = lora_parameters(config, args.rank)
     layers = config.num_hidden_layers
@@ -159,9 +163,7 @@ def main() -> None:
     )
     print(f"  base weights bf16                  {n * 2 / GIB:7.2f} GiB")
     print(f"  LoRA params {n_lora / 1e6:.2f}M: fp32 + grad + AdamW {n_lora * 16 / GIB:7.3f} GiB")
-    print(
-        f"  full tuning: fp32 weights + grads + AdamW {n * 16 / GIB:7.1f} GiB, bf16 copies {n * 2 / GIB:.1f} GiB"
-    )
+    print(f"  full tuning: fp32 weights + grads + AdamW {n * 16 / GIB:7.1f} GiB")
     if args.no_measure:
         return
 

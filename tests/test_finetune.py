@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -265,16 +266,11 @@ def test_two_processes_compute_what_one_process_does(job, tmp_path):
     common += ["--max-steps", "6", "--eval-every", "3", "--no-progress", "--method", "full", "--lr", "3e-2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += [
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29613",
-    ]
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", port]
     two = subprocess.run(
         [*launch, "-m", "cpmbee", "finetune", *common, "--batch-size", "4", "--out", str(tmp_path / "two")],
         env=env, capture_output=True, text=True, timeout=600,

@@ -344,6 +344,8 @@ class _Finetune:
         out = []
         for micro in range(first, first + self.args.grad_accum):
             picked = self.order.global_indices(micro)[rank * size : (rank + 1) * size]
+            if self.collator.rng is not None:  # answer shuffles keyed to the position: exact on resume
+                self.collator.rng.seed((self.args.seed * 1_000_003 + micro) % 2**32)
             batch = self.collator([self.train_samples[i] for i in picked])
             out.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
         return out
