@@ -1,6 +1,6 @@
 """Fine-tune a small random-init CPM-Bee on CCPM with `cpmbee finetune` and report what happened.
 
-    python benchmarks/bench_finetune_ccpm.py [--shared ../shared] [--out runs/bench-ccpm] [--steps 2000]
+    python benchmarks/bench_finetune_ccpm.py [--shared ../shared] [--out runs/bench-ccpm] [--steps 1500]
 
 No released weights are available offline, so the model is a randomly initialised small CPM-Bee (the real
 86,583-token vocabulary, 4 layers of width 128 by default): the figures show that the pipeline learns and
@@ -59,9 +59,9 @@ def main() -> None:
     )
     parser.add_argument("--shared", default=str(REPO.parent / "shared"))
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-ccpm"))
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--hidden", type=int, default=128)

@@ -211,3 +211,17 @@ def test_the_docs_example_runs(vocab_file):
     code = text[start : text.index("```", start)]
     code = code.replace("../shared/cpm-bee/vocab.txt", str(vocab_file))
     exec(compile(code, "docs/finetune.md", "exec"), {})
+
+
+def test_global_batch_order_covers_each_epoch():
+    from cpmbee.data.finetune import GlobalBatchOrder
+
+    order = GlobalBatchOrder(10, 4, seed=7, shuffle=True)
+    assert order.per_epoch == 3
+    epoch0 = [i for m in range(3) for i in order.global_indices(m)]
+    assert sorted(set(epoch0)) == list(range(10)) and len(epoch0) == 12  # last batch filled from the start
+    assert epoch0[10:] == epoch0[:2]
+    epoch1 = [i for m in range(3, 6) for i in order.global_indices(m)]
+    assert sorted(set(epoch1)) == list(range(10)) and epoch1 != epoch0  # reshuffled
+    assert GlobalBatchOrder(10, 4, seed=7, shuffle=True).global_indices(4) == order.global_indices(4)
+    assert GlobalBatchOrder(10, 4, seed=0, shuffle=False).global_indices(1) == [4, 5, 6, 7]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -40,11 +41,13 @@ from ..prompt import (
 
 __all__ = [
     "FinetuneCollator",
+    "GlobalBatchOrder",
     "choice_candidates",
     "fit_to_length",
     "normalize_samples",
     "prepare_for_finetune",
     "read_jsonl",
+    "scan_samples",
 ]
 
 logger = logging.getLogger(__name__)
@@ -334,6 +337,55 @@ class FinetuneCollator:
 
     def __call__(self, samples: Any) -> dict[str, Any]:
         return self.encode(samples).model_inputs()
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+def scan_samples(tokenizer: Any, samples: list[Any], max_length: int, name: str) -> dict[str, int]:
+    """Encode every sample once: fail early on bad data (naming ``name`` and the 1-based sample number),
+    count tokens and the samples that truncation will shorten."""
+    tokens = truncated = 0
+    for i, sample in enumerate(samples):
+        try:
+            n = len(encode_sample(tokenizer, sample))
+            if n > max_length:
+                fit_to_length(tokenizer, sample, max_length, length=n)
+                truncated += 1
+                n = max_length
+        except ValueError as err:
+            raise ValueError(f"{name}: sample {i + 1}: {err}") from None
+        tokens += n
+    return {"samples": len(samples), "tokens": tokens, "truncated": truncated}
+
+
+class GlobalBatchOrder:
+    """A deterministic stream of global batches over ``n`` samples: micro-batch ``m`` of epoch ``e`` is a
+    slice of a permutation seeded with ``seed + e``; the epoch's last batch is filled up from its start.
+    Processes take their ``batch_size`` slice of each global batch, so the stream depends only on the
+    position ``m`` (what a checkpoint stores) and not on how many processes read it."""
+
+    def __init__(self, n: int, global_batch: int, seed: int, shuffle: bool) -> None:
+        self.n, self.global_batch, self.seed, self.shuffle = n, global_batch, seed, shuffle
+        self.per_epoch = math.ceil(n / global_batch)
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._cache is None or self._cache[0] != epoch:
+            perm = (
+                np.random.RandomState(self.seed + epoch).permutation(self.n)
+                if self.shuffle
+                else np.arange(self.n)
+            )
+            self._cache = (epoch, perm)
+        return self._cache[1]
+
+    def global_indices(self, micro: int) -> list[int]:
+        epoch, j = divmod(micro, self.per_epoch)
+        perm = self.permutation(epoch)
+        picked = [int(perm[(j * self.global_batch + k) % self.n]) for k in range(self.global_batch)]
+        return picked
+
+    def epoch_of(self, micro: int) -> float:
+        return micro / self.per_epoch
 
 
 # ---------------------------------------------------------------------------------------------------- choices

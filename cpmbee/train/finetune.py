@@ -31,12 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..checkpoint import _atomic_directory
-from ..data.finetune import FinetuneCollator, fit_to_length, read_jsonl
-from ..prompt import encode_sample
+from ..data.finetune import FinetuneCollator, GlobalBatchOrder, read_jsonl, scan_samples
 from .checkpointing import CheckpointManager
 from .evaluate import evaluate
 from .finetune_args import FinetuneArgs
@@ -86,50 +84,6 @@ def _quiet_saves() -> Any:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
-
-
-def _scan(tokenizer: Any, samples: list[Any], max_length: int, name: str) -> dict[str, int]:
-    """Encode every sample once: fail early (naming it) on bad data, count tokens and truncations."""
-    tokens = truncated = 0
-    for i, sample in enumerate(samples):
-        try:
-            n = len(encode_sample(tokenizer, sample))
-            if n > max_length:
-                fit_to_length(tokenizer, sample, max_length, length=n)
-                truncated += 1
-                n = max_length
-        except ValueError as err:
-            raise ValueError(f"{name}: sample {i + 1}: {err}") from None
-        tokens += n
-    return {"samples": len(samples), "tokens": tokens, "truncated": truncated}
-
-
-class _Order:
-    """Deterministic stream of global batches: a seeded permutation per epoch, sliced per process."""
-
-    def __init__(self, n: int, global_batch: int, seed: int, shuffle: bool) -> None:
-        self.n, self.global_batch, self.seed, self.shuffle = n, global_batch, seed, shuffle
-        self.per_epoch = math.ceil(n / global_batch)
-        self._cache: tuple[int, np.ndarray] | None = None
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if self._cache is None or self._cache[0] != epoch:
-            perm = (
-                np.random.RandomState(self.seed + epoch).permutation(self.n)
-                if self.shuffle
-                else np.arange(self.n)
-            )
-            self._cache = (epoch, perm)
-        return self._cache[1]
-
-    def global_indices(self, micro: int) -> list[int]:
-        epoch, j = divmod(micro, self.per_epoch)
-        perm = self.permutation(epoch)
-        picked = [int(perm[(j * self.global_batch + k) % self.n]) for k in range(self.global_batch)]
-        return picked
-
-    def epoch_of(self, micro: int) -> float:
-        return micro / self.per_epoch
 
 
 # ---------------------------------------------------------------------------------------------------- the job
@@ -206,9 +160,13 @@ class _Finetune:
 
         self.train_samples = read_jsonl(args.train)
         self.eval_samples = read_jsonl(args.eval)[: args.eval_max_samples] if args.eval else []
-        self.data_stats = {"train": _scan(self.tokenizer, self.train_samples, args.max_length, args.train)}
+        self.data_stats = {
+            "train": scan_samples(self.tokenizer, self.train_samples, args.max_length, args.train)
+        }
         if self.eval_samples:
-            self.data_stats["eval"] = _scan(self.tokenizer, self.eval_samples, args.max_length, args.eval)
+            self.data_stats["eval"] = scan_samples(
+                self.tokenizer, self.eval_samples, args.max_length, args.eval
+            )
         self.collator = FinetuneCollator(
             self.tokenizer,
             args.max_length,
@@ -219,7 +177,9 @@ class _Finetune:
         self.eval_collator = FinetuneCollator(self.tokenizer, args.max_length)
 
         world = self.accelerator.num_processes
-        self.order = _Order(len(self.train_samples), args.batch_size * world, args.seed, args.shuffle)
+        self.order = GlobalBatchOrder(
+            len(self.train_samples), args.batch_size * world, args.seed, args.shuffle
+        )
         self.total_steps = args.max_steps or math.ceil(args.epochs * self.order.per_epoch / args.grad_accum)
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -429,27 +389,9 @@ class _Finetune:
         return flag > 0
 
     # ------------------------------------------------------------------ main
-    def run(self) -> dict[str, Any]:
+    def _open_run(self, info: dict[str, Any] | None, changed: dict[str, Any]) -> None:
+        """Metrics sinks, ``run.json`` and the opening records (config, start/resume, data)."""
         args = self.args
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        self.accelerator.wait_for_everyone()
-        self.load()
-        self.step = self.micro = self.tokens_seen = 0
-        self.best: dict[str, Any] | None = None
-        self.bad_evals = 0
-        self._status_time = 0.0
-        info = self.restore()
-        changed: dict[str, Any] = {}
-        if info is not None:
-            s = info["state"]
-            self.step, self.micro, self.tokens_seen = info["step"], s["micro"], s["tokens_seen"]
-            self.best, self.bad_evals = s["best"], s["bad_evals"]
-            changed = {
-                k: (v, getattr(args, k))
-                for k, v in s.get("args", {}).items()
-                if k not in ("resume", "stop_after_steps", "progress") and v != getattr(args, k, v)
-            }
         sinks: list[Any] = [JsonlSink(self.out / "metrics")] if self.main else []
         if self.main and args.tensorboard:
             sinks.append(TensorBoardSink(self.out / "tensorboard"))
@@ -483,6 +425,47 @@ class _Finetune:
                 "event", self.step, event="resume", message=f"from {info['path']}", changed_options=changed
             )
         self.logger.log("data", self.step, truncated={k: v["truncated"] for k, v in self.data_stats.items()})
+
+    def _evaluate_and_track(self) -> str | None:
+        """Evaluate, keep ``best/`` and the patience count; returns the early-stop reason, if any."""
+        args = self.args
+        metrics = self.run_eval()
+        better = self.improved(metrics)
+        if better:
+            self.best = {"step": self.step, "value": metrics[args.early_stop_metric], "metrics": metrics}
+            self.bad_evals = 0
+            state = self._model_state()  # every process: it may be a collective (FSDP)
+            if self.main:
+                self._export(self.out / "best", state)
+        else:
+            self.bad_evals += 1
+        self.logger.log("eval", self.step, **metrics, best=better, bad_evals=self.bad_evals)
+        if args.patience and self.bad_evals >= args.patience:
+            return f"early stop: {self.bad_evals} evaluations without improvement"
+        return None
+
+    def run(self) -> dict[str, Any]:
+        args = self.args
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self.load()
+        self.step = self.micro = self.tokens_seen = 0
+        self.best: dict[str, Any] | None = None
+        self.bad_evals = 0
+        self._status_time = 0.0
+        info = self.restore()
+        changed: dict[str, Any] = {}
+        if info is not None:
+            s = info["state"]
+            self.step, self.micro, self.tokens_seen = info["step"], s["micro"], s["tokens_seen"]
+            self.best, self.bad_evals = s["best"], s["bad_evals"]
+            changed = {
+                k: (v, getattr(args, k))
+                for k, v in s.get("args", {}).items()
+                if k not in ("resume", "stop_after_steps", "progress") and v != getattr(args, k, v)
+            }
+        self._open_run(info, changed)
         try:  # a SIGTERM (preemption) finishes the step, writes a checkpoint and leaves
             previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
         except ValueError:  # not the main thread
@@ -502,23 +485,8 @@ class _Finetune:
                 self.write_status("running")
                 last = self.step == self.total_steps
                 if self.eval_samples and (self.step % args.eval_every == 0 or last):
-                    metrics = self.run_eval()
-                    better = self.improved(metrics)
-                    if better:
-                        self.best = {
-                            "step": self.step,
-                            "value": metrics[args.early_stop_metric],
-                            "metrics": metrics,
-                        }
-                        self.bad_evals = 0
-                        state_now = self._model_state()
-                        if self.main:
-                            self._export(self.out / "best", state_now)
-                    else:
-                        self.bad_evals += 1
-                    self.logger.log("eval", self.step, **metrics, best=better, bad_evals=self.bad_evals)
-                    if args.patience and self.bad_evals >= args.patience:
-                        reason = f"early stop: {self.bad_evals} evaluations without improvement"
+                    reason = self._evaluate_and_track()
+                    if reason:
                         break
                 if args.save_every and self.step % args.save_every == 0 and not last:
                     self.save_checkpoint(self.step, self._state())
