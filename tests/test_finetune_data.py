@@ -225,3 +225,19 @@ def test_global_batch_order_covers_each_epoch():
     assert sorted(set(epoch1)) == list(range(10)) and epoch1 != epoch0  # reshuffled
     assert GlobalBatchOrder(10, 4, seed=7, shuffle=True).global_indices(4) == order.global_indices(4)
     assert GlobalBatchOrder(10, 4, seed=0, shuffle=False).global_indices(1) == [4, 5, 6, 7]
+
+
+def test_batches_need_no_training_stack(tiny_vocab_file):
+    """The core's prepare_for_finetune pulls in neither cpmbee.train nor peft."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cpmbee\n"
+        f"tok = cpmbee.CpmBeeTokenizer({str(tiny_vocab_file)!r})\n"
+        "tok.prepare_for_finetune({'input': 'a', '<ans>': 'b'})\n"
+        "bad = [m for m in sys.modules if m.startswith(('cpmbee.train', 'peft'))]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
