@@ -45,6 +45,24 @@ def _choice_task(n: int, seed: int) -> list[dict]:
     return out
 
 
+def _keyed_task(n: int, seed: int) -> list[dict]:
+    """The answer is a fixed function of the input word (options are distractors): learnable in minutes."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        word = rng.choice(WORDS)
+        options = rng.sample(WORDS, 3)
+        out.append(
+            {
+                "input": word,
+                "options": {f"<option_{i}>": w for i, w in enumerate(options)},
+                "question": "is",
+                "<ans>": f"<option_{WORDS.index(word) % 3}>",
+            }
+        )
+    return out
+
+
 def _write(path: Path, samples: list[dict]) -> str:
     path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
     return str(path)
@@ -248,6 +266,23 @@ def test_command_line(job, tmp_path):
     assert _records(tmp_path / "cli", "eval")[-1]["samples"] == 4
     result = CliRunner().invoke(cli, ["finetune", *options, "--schedule", "bogus"])
     assert result.exit_code != 0 and "bogus" in result.output
+
+
+def test_choice_accuracy_rises_on_a_learnable_task(job, tmp_path, tiny_tokenizer):
+    config = tiny_config(
+        tiny_tokenizer.vocab_size, hidden_size=64, dim_ff=128, num_hidden_layers=2, dim_head=16
+    )
+    config.to_json_file(str(tmp_path / "config.json"))
+    train = _write(tmp_path / "train.jsonl", _keyed_task(2000, 0))
+    evals = _write(tmp_path / "eval.jsonl", _keyed_task(200, 1))
+    out = tmp_path / "keyed"
+    run_finetune(
+        _args(job, out, config=str(tmp_path / "config.json"), train=train, eval=evals, method="full", lr=1e-2,
+              batch_size=16, max_steps=200, eval_every=100, warmup_steps=20, patience=0)
+    )  # fmt: skip
+    before, *_, after = _records(out, "eval")
+    assert before["accuracy"] < 0.5 and after["accuracy"] > 0.8, (before, after)  # chance: 1/3
+    assert after["exact_match"] > 0.8
 
 
 @pytest.mark.slow
