@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -109,6 +110,7 @@ def main() -> None:
     }  # fmt: skip
     if not args.skip_long:
         full_dir = out / "full"
+        shutil.rmtree(full_dir, ignore_errors=True)
         wall = cpmbee(
             "finetune", *common, *evaluation, "--out", str(full_dir), "--method", "full", "--lr", str(args.lr),
             "--max-steps", str(args.steps), "--eval-every", str(args.eval_every), "--warmup-steps", "100",
@@ -117,6 +119,7 @@ def main() -> None:
     quick = [*common, "--max-steps", str(args.throughput_steps), "--lr", "1e-3"]
     for method in ("full", "lora"):
         run = out / f"throughput-{method}"
+        shutil.rmtree(run, ignore_errors=True)
         wall = cpmbee("finetune", *quick, "--out", str(run), "--method", method)
         report[f"throughput_{method}"] = summarize(run) | {"wall_s": wall}
     (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")

@@ -237,6 +237,12 @@ def test_bad_options_and_data_are_reported(job, tmp_path):
         run_finetune(_args(job, tmp_path / "y", train=str(bad)))
 
 
+def test_no_resume_refuses_to_mix_runs(job, tmp_path):
+    run_finetune(_args(job, tmp_path / "r", max_steps=1, eval_at_start=False))
+    with pytest.raises(ValueError, match="already holds a run"):
+        run_finetune(_args(job, tmp_path / "r", max_steps=2, resume=False))
+
+
 def test_command_line(job, tmp_path):
     from cpmbee.__main__ import cli
 

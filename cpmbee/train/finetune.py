@@ -255,7 +255,13 @@ class _Finetune:
         self.accelerator.wait_for_everyone()
 
     def restore(self) -> dict[str, Any] | None:
-        latest = self.checkpoints.latest() if self.args.resume else None
+        if not self.args.resume:
+            if self.checkpoints.latest() is not None or any((self.out / "metrics").glob("*.jsonl")):
+                raise ValueError(
+                    f"{self.out} already holds a run and --no-resume was given: choose a new --out (or resume)"
+                )
+            return None
+        latest = self.checkpoints.latest()
         if latest is None:
             return None
         if self.sharded:
