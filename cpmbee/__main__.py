@@ -10,8 +10,11 @@ import click
 
 # name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
+    "build-dataset": "cpmbee.commands.build_dataset:build_dataset",
     "build-vocab": "cpmbee.commands.build_vocab:build_vocab",
     "convert": "cpmbee.commands.convert:convert",
+    "dataset": "cpmbee.commands.dataset:dataset",
+    "pretrain": "cpmbee.commands.pretrain:pretrain",
 }
 
 
