@@ -122,7 +122,9 @@ class _Run:
         from ..tokenizer import CpmBeeTokenizer
 
         self.config = config
-        self.acc = Accelerator(mixed_precision=config.train.mixed_precision)
+        self.acc = Accelerator(
+            mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available()
+        )
         self.main = self.acc.is_main_process
         self.world = self.acc.num_processes
         set_seed(config.seed)
