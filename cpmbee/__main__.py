@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "build-vocab": "cpmbee.commands.build_vocab:build_vocab",
     "convert": "cpmbee.commands.convert:convert",
     "dataset": "cpmbee.commands.dataset:dataset",
+    "prepare-corpus": "cpmbee.commands.prepare_corpus:prepare_corpus",
     "pretrain": "cpmbee.commands.pretrain:pretrain",
 }
 

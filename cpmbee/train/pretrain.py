@@ -202,6 +202,7 @@ class _Run:
         self.last_status = 0.0
         self.stop = _Stop()
         self.live = live
+        self.samples_enabled = True
         self.logger = MetricsLogger(self._sinks(), enabled=self.main)
 
     # ------------------------------------------------------------------------------ run directory
@@ -520,7 +521,7 @@ class _Run:
 
     def _samples(self, checkpoint: str) -> None:
         prompts = self.config.samples.prompts
-        if not prompts:
+        if not prompts or not self.samples_enabled:
             return
         model = self.raw_model
         was_training = model.training
@@ -532,8 +533,9 @@ class _Run:
                     self.tokenizer,
                     **self.config.samples.options,
                 )
-        except ImportError as err:
-            self._incident("samples", f"sample generation unavailable: {err}")
+        except ImportError as err:  # generation is an optional part of the package
+            self.samples_enabled = False
+            self._incident("samples", f"sample generation unavailable, samples off for this run: {err}")
             return
         finally:
             model.train(was_training)

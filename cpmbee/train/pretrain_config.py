@@ -149,7 +149,7 @@ def _resolve(base: Path, value: str | None) -> str | None:
     if value is None:
         return None
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base / p))
+    return os.path.normpath(p if p.is_absolute() else (base / p))
 
 
 def load_pretrain_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> PretrainConfig:
