@@ -57,10 +57,9 @@ def run(args: argparse.Namespace, nproc: int, shape: str, workers: int, root: Pa
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",
             "--nproc-per-node",
             str(nproc),
-            "--master-port",
-            "0",
             *cmd[1:],
         ]
     start = time.perf_counter()

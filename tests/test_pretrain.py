@@ -261,7 +261,7 @@ def test_spike_detector_and_inspection():
 
 def torchrun(config, nproc, *extra):
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
          "-m", "cpmbee", "pretrain", "--config", str(config), *extra],
         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
