@@ -297,3 +297,43 @@ def test_two_processes_exact_resume_and_world_size_change(setup, tmp_path):
         else:
             events = list(read_records(run / "metrics", kind="event"))
             assert "re-sharded for world size 1" in events[0]["message"]
+
+
+def test_samples_at_checkpoints(setup, tmp_path, monkeypatch):
+    import torch
+
+    from cpmbee.model import CpmBeeForCausalLM
+    from cpmbee.train.pretrain import run_pretrain
+
+    calls = []
+
+    def generate(self, data, tokenizer, **options):  # stands in for cpmbee.generation (another module)
+        calls.append((not self.training, options))
+        torch.rand(3)  # generation may draw random numbers: they must not change training
+        return [{**d, "<ans>": "abc"} for d in data]
+
+    prompts = [{"input": "hello", "<ans>": ""}]
+    base = run_pretrain(
+        load_pretrain_config(setup("a.yaml", run_dir="a", train={"max_steps": 2}, checkpoint={"every": 1}))
+    )
+    monkeypatch.setattr(CpmBeeForCausalLM, "generate", generate)
+    cfg = setup(
+        "b.yaml", run_dir="b", train={"max_steps": 2}, checkpoint={"every": 1}, samples={"prompts": prompts}
+    )
+    run_pretrain(load_pretrain_config(cfg))
+    assert base["state"] == "finished" and calls == [(True, {"max_new_tokens": 32})] * 2
+    samples = list(read_records(tmp_path / "b" / "metrics", kind="sample"))
+    assert [s["checkpoint"] for s in samples] == ["checkpoints/step-00000001", "checkpoints/step-00000002"]
+    assert samples[0]["samples"] == [{"prompt": prompts[0], "output": {"input": "hello", "<ans>": "abc"}}]
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+
+    def missing(self, data, tokenizer, **options):
+        raise ImportError("No module named 'cpmbee.generation'")
+
+    monkeypatch.setattr(CpmBeeForCausalLM, "generate", missing)
+    cfg = setup(
+        "c.yaml", run_dir="c", train={"max_steps": 2}, checkpoint={"every": 1}, samples={"prompts": prompts}
+    )
+    assert run_pretrain(load_pretrain_config(cfg))["state"] == "finished"
+    incidents = list(read_records(tmp_path / "c" / "metrics", kind="incident"))
+    assert [i["kind"] for i in incidents] == ["samples"]
