@@ -337,3 +337,29 @@ def test_samples_at_checkpoints(setup, tmp_path, monkeypatch):
     assert run_pretrain(load_pretrain_config(cfg))["state"] == "finished"
     incidents = list(read_records(tmp_path / "c" / "metrics", kind="incident"))
     assert [i["kind"] for i in incidents] == ["samples"]
+
+
+def test_nonfinite_step_is_skipped_and_reported(setup, tmp_path, monkeypatch):
+    import types
+
+    import torch.nn.functional as F
+
+    import cpmbee.train.pretrain as pretrain
+
+    calls = {"n": 0}
+
+    def cross_entropy(*args, **kwargs):
+        calls["n"] += 1
+        out = F.cross_entropy(*args, **kwargs)
+        return out * float("nan") if calls["n"] in (3, 4) else out  # both micro-batches of step 2
+
+    monkeypatch.setattr(pretrain, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+    cfg = setup("nan.yaml", run_dir="nan", train={"max_steps": 3}, logging={"inspect_every": None})
+    assert pretrain.run_pretrain(load_pretrain_config(cfg))["state"] == "finished"
+    train = list(read_records(tmp_path / "nan" / "metrics", kind="train"))
+    assert [r.get("skipped", False) for r in train] == [False, True, False]
+    assert np.isnan(train[1]["loss"]) and np.isfinite(train[2]["loss"])
+    assert train[1]["lr"] == train[2]["lr"]  # the schedule did not advance on the skipped step
+    (incident,) = read_records(tmp_path / "nan" / "metrics", kind="incident")
+    assert incident["kind"] == "nan" and incident["step"] == 2 and "skipped" in incident["message"]
+    assert (tmp_path / "nan" / incident["file"]).is_file()

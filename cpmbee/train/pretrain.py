@@ -386,10 +386,17 @@ class _Run:
             else None
         )
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-        if finite or not c.train.skip_nonfinite:
+        scaler = getattr(acc, "scaler", None)
+        # with fp16 loss scaling an overflow is routine: the scaler skips the update and lowers the scale
+        # (so the optimizer must always be called); otherwise a non-finite step is skipped here
+        skipped = False
+        if finite or not c.train.skip_nonfinite or scaler is not None:
             self.optimizer.step()
-            if not acc.optimizer_step_was_skipped:
-                self.scheduler.step()
+            skipped = bool(acc.optimizer_step_was_skipped)
+        else:
+            skipped = True
+        if not skipped:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step
         self.tokens_seen += int(tokens)
@@ -410,16 +417,17 @@ class _Run:
         }
         if self.peak_flops:
             record["mfu"] = self.flops_token * record["tokens_per_s"] / (self.peak_flops * self.world)
-        scaler = getattr(acc, "scaler", None)
         if scaler is not None:
             record["loss_scale"] = float(scaler.get_scale())
+        if skipped:
+            record["skipped"] = True
         self.logger.log("train", step, **record)
         if inspect is not None:
             self.logger.log("inspect", step, params=inspect)
 
-        if not finite:
+        if not math.isfinite(total_loss) or (not finite and scaler is None):
             raw = self._gather_raw(micro)
-            action = "optimizer step skipped" if c.train.skip_nonfinite else "step taken anyway"
+            action = "optimizer step skipped" if skipped else "step taken anyway"
             self._incident("nan", f"non-finite loss {total_loss} or grad norm {grad_norm}; {action}", raw=raw)
         spikes = self.spikes.update(step, task_loss)
         if spikes:
