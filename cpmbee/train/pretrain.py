@@ -122,6 +122,8 @@ class _Run:
         from ..tokenizer import CpmBeeTokenizer
 
         self.config = config
+        if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("train.mixed_precision: fp16 (loss-scaled) needs a CUDA GPU; use bf16 on the CPU")
         self.acc = Accelerator(
             mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available()
         )
