@@ -13,7 +13,10 @@ seeds (derived from the seed and the resume step) and the packer rows that were 
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +64,17 @@ class _StreamSpec:
 
 def _identity(x: Any) -> Any:
     return x
+
+
+def _die_with_parent(worker_id: int) -> None:
+    """Linux: a worker gets SIGKILL when its rank process dies (even by ``kill -9``), instead of lingering
+    blocked on a full result queue."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:  # pragma: no cover - unusual libc
+            pass
 
 
 class _Streams(torch.utils.data.IterableDataset):
@@ -155,6 +169,7 @@ class DataPipeline:
                 batch_size=None,
                 num_workers=num_workers,
                 collate_fn=_identity,
+                worker_init_fn=_die_with_parent,
                 prefetch_factor=prefetch,
             )
             self._iter = iter(loader)
