@@ -363,3 +363,23 @@ def test_nonfinite_step_is_skipped_and_reported(setup, tmp_path, monkeypatch):
     (incident,) = read_records(tmp_path / "nan" / "metrics", kind="incident")
     assert incident["kind"] == "nan" and incident["step"] == 2 and "skipped" in incident["message"]
     assert (tmp_path / "nan" / incident["file"]).is_file()
+
+
+@pytest.mark.slow
+def test_data_workers_die_with_a_killed_job(setup, tmp_path):
+    config = setup("w.yaml", run_dir="w", data={"num_workers": 2}, train={"max_steps": 100000})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cpmbee", "pretrain", "--config", str(config)], stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "w" / "metrics").glob("*.jsonl")):
+        time.sleep(0.1)
+    time.sleep(2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{w}").exists() for w in workers)
