@@ -123,7 +123,9 @@ class _Run:
 
         self.config = config
         if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise ValueError("train.mixed_precision: fp16 (loss-scaled) needs a CUDA GPU; use bf16 on the CPU")
+            raise ValueError(
+                "train.mixed_precision: fp16 (loss-scaled) needs a CUDA GPU; use bf16 on the CPU"
+            )
         self.acc = Accelerator(
             mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available()
         )
