@@ -383,3 +383,23 @@ def test_data_workers_die_with_a_killed_job(setup, tmp_path):
     while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
         time.sleep(0.2)
     assert not any(Path(f"/proc/{w}").exists() for w in workers)
+
+
+def test_run_directory_previous_state(tmp_path):
+    import socket
+
+    from cpmbee.train.rundir import RunDirectory
+
+    run = RunDirectory(tmp_path / "r")
+    run.create()
+    assert run.previous_state() is None
+    run.write_status("running", 3, 100, force=True)
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["pid"] == os.getpid() and status["host"] == socket.gethostname()
+    assert run.previous_state() == "running"  # this pid is alive but not a cpmbee job: a recycled pid
+    run.write_run({"name": "r", "world_size": 1})
+    created = json.loads((tmp_path / "r" / "run.json").read_text())["created"]
+    time.sleep(0.01)
+    run.write_run({"name": "r", "world_size": 2})
+    again = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert again["created"] == created and again["world_size"] == 2

@@ -14,12 +14,9 @@ resumed from a checkpoint reproduces the losses of an uninterrupted run exactly 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import math
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,29 +30,10 @@ from .checkpointing import CheckpointManager
 from .metrics import ConsoleSink, JsonlSink, MetricsLogger, TensorBoardSink
 from .monitor import LossSpikeDetector, flops_per_token, inspect_parameters, memory_gb, peak_flops_guess
 from .pretrain_config import PretrainConfig
+from .rundir import RunDirectory
 from .schedule import build_scheduler
 
 __all__ = ["run_pretrain"]
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat()
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover
-        return True
-    return True
 
 
 class _Stop:
@@ -133,9 +111,9 @@ class _Run:
         self.world = self.acc.num_processes
         set_seed(config.seed)
         self.run_dir = Path(config.run_dir)
+        self.rundir = RunDirectory(self.run_dir, status_every_s=config.logging.status_every_s)
         if self.main:
-            for sub in ("metrics", "checkpoints", "incidents"):
-                (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+            self.rundir.create()
         self.acc.wait_for_everyone()
         self.manager = CheckpointManager(
             self.run_dir / "checkpoints",
@@ -203,7 +181,6 @@ class _Run:
         self.peak_flops = config.logging.peak_flops or peak_flops_guess()
         self.counters: dict[int, dict[str, dict[str, int]]] = {}
         self.last_shares: dict[str, float] | None = None
-        self.last_status = 0.0
         self.stop = _Stop()
         self.live = live
         self.samples_enabled = True
@@ -226,63 +203,32 @@ class _Run:
         return sinks
 
     def _write_run_json(self) -> None:
-        path = self.run_dir / "run.json"
-        created = _now()
-        if path.is_file():
-            with contextlib.suppress(ValueError, OSError):
-                created = json.loads(path.read_text(encoding="utf-8")).get("created", created)
         c = self.config
         model = {"preset": c.model.preset} if c.model.preset else {"path": c.model.path}
         model |= {"parameters": self.num_params, "config": self.raw_model.config.to_diff_dict()}
-        _write_json_atomic(
-            path,
+        self.rundir.write_run(
             {
                 "name": c.name or self.run_dir.name,
-                "created": created,
-                "updated": _now(),
                 "config": c.model_dump(mode="json"),
                 "plan": {"total_tokens": c.train.max_tokens, "total_steps": c.train.max_steps},
                 "model": model,
                 "world_size": self.world,
                 "tokens_per_step": self.world * c.train.grad_accum * c.data.batch_size * c.data.max_length,
-            },
+            }
         )
 
     def _write_status(self, state: str, force: bool = False) -> None:
-        if not self.main or (
-            not force and time.monotonic() - self.last_status < self.config.logging.status_every_s
-        ):
-            return
-        self.last_status = time.monotonic()
-        _write_json_atomic(
-            self.run_dir / "status.json",
-            {
-                "state": state,
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "step": self.step,
-                "tokens_seen": self.tokens_seen,
-                "updated": _now(),
-                "world_size": self.world,
-                "max_steps": self.config.train.max_steps,
-                "max_tokens": self.config.train.max_tokens,
-            },
-        )
-
-    def _previous_state(self) -> str | None:
-        path = self.run_dir / "status.json"
-        try:
-            status = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        state = status.get("state")
-        if (
-            state == "running"
-            and _pid_alive(int(status.get("pid", -1)))
-            and status.get("host") == socket.gethostname()
-        ):
-            raise RuntimeError(f"{self.run_dir} is in use by a running job (pid {status['pid']})")
-        return state
+        if self.main:
+            t = self.config.train
+            self.rundir.write_status(
+                state,
+                self.step,
+                self.tokens_seen,
+                force,
+                world_size=self.world,
+                max_steps=t.max_steps,
+                max_tokens=t.max_tokens,
+            )
 
     def _incident(self, kind: str, message: str, detail: Any = None, raw: Any = None) -> None:
         if not self.main:
@@ -291,19 +237,7 @@ class _Run:
         if detail is not None:
             fields["detail"] = detail
         if raw is not None:
-            name = f"step-{self.step:08d}-{kind}.json"
-            _write_json_atomic(
-                self.run_dir / "incidents" / name,
-                {
-                    "step": self.step,
-                    "kind": kind,
-                    "message": message,
-                    "detail": detail,
-                    "time": _now(),
-                    "samples": raw,
-                },
-            )
-            fields["file"] = f"incidents/{name}"
+            fields["file"] = self.rundir.write_incident(self.step, kind, message, detail, raw)
         self.logger.log("incident", self.step, **fields)
 
     def _start_live(self) -> None:
@@ -562,7 +496,7 @@ class _Run:
         from ..data.mixture import mixture_summary
 
         c = self.config
-        previous = self._previous_state() if self.main else None
+        previous = self.rundir.previous_state() if self.main else None
         if self.main:
             self._write_run_json()
             self.logger.log("config", config=c.model_dump(mode="json"))
