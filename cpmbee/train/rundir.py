@@ -35,9 +35,10 @@ def _job_alive(pid: int) -> bool:
     except PermissionError:  # pragma: no cover - someone else's process
         return False
     try:
-        return b"cpmbee" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:  # pragma: no cover - no procfs
         return True
+    return any(a == "cpmbee" or a.endswith("/cpmbee") for a in args)  # `cpmbee ...` or `python -m cpmbee ...`
 
 
 class RunDirectory:
