@@ -182,7 +182,7 @@ class MetricsLogger:
     def __init__(self, sinks: list[MetricsSink] | None = None, *, enabled: bool = True) -> None:
         self.sinks = list(sinks or []) if enabled else []
 
-    def log(self, kind: str, step: int | None = None, **values: Any) -> dict[str, Any]:
+    def log(self, kind: str, step: int | None = None, /, **values: Any) -> dict[str, Any]:
         record: dict[str, Any] = {"type": kind, "time": dt.datetime.now(dt.timezone.utc).isoformat()}
         if step is not None:
             record["step"] = int(step)
