@@ -105,6 +105,13 @@ def test_reports(client, run_dir):
     assert client.get(f"/reports/{DAY2}?format=pdf").status_code == 400
 
 
+def test_host_header_is_checked_when_asked(run_dir):
+    app = create_app(run_dir, allowed_hosts=["127.0.0.1", "localhost"])
+    with TestClient(app, base_url="http://127.0.0.1:8765") as c:
+        assert c.get("/api/status").status_code == 200
+        assert c.get("/api/status", headers={"host": "evil.example:8765"}).status_code == 400
+
+
 def test_bad_run_dir(tmp_path):
     with pytest.raises(ValueError, match="run_dir"):
         create_app(tmp_path / "missing")

@@ -38,7 +38,7 @@ def test_reads_the_whole_run(run_dir):
     assert len(update.records) == state.seq == sum(state.counts.values())
     assert [r["seq"] for r in update.records] == list(range(1, state.seq + 1))
     # the resume from step 90 cut the series back: one point per step, the resumed values
-    assert state.train["step"] == list(range(1, 151))
+    assert list(state.train["step"]) == list(range(1, 151))
     assert state.rewinds == [{"from_step": 100, "to_step": 91, "time": state.rewinds[0]["time"]}]
     assert state.train["tokens_seen"][-1] == 150 * TOKENS_PER_STEP
     assert state.task_loss.keys() == {"lm", "mlm"}
@@ -53,7 +53,7 @@ def test_reads_the_whole_run(run_dir):
     assert [i["kind"] for i in state.incidents] == ["loss_spike", "nan"]
     assert [e["event"] for e in state.events] == ["start", "crash", "resume", "finish"]
     assert state.eval == [state.eval[0]] and state.eval[0]["step"] == 90
-    assert state.inspect_steps == list(range(10, 151, 10))
+    assert list(state.inspect_steps) == list(range(10, 151, 10))
     assert sorted(state.inspect) == sorted(GROUPS)
     assert state.mixtures[-1]["shares"] == {"ccpm": 0.75, "wiki": 0.25}
     assert state.data["skipped_too_long"] == {"ccpm": 5, "wiki": 1}
@@ -70,7 +70,7 @@ def test_refresh_reads_only_what_was_appended(run_dir):
     assert [r["step"] for r in update.records] == [151, 152, 153]
     assert [r["seq"] for r in update.records] == [seq + 1, seq + 2, seq + 3]
     assert update.status_changed and state.status()["state"] == "running"
-    assert state.train["step"][-3:] == [151, 152, 153]
+    assert list(state.train["step"][-3:]) == [151, 152, 153]
     assert state.records_after(seq) == update.records
     assert state.records_after(state.seq) == []
 
@@ -85,11 +85,11 @@ def test_torn_line_waits_for_its_end(tmp_path):
         f.write(line[:20])
     state = RunState(tmp_path)
     state.refresh()
-    assert state.train["step"] == [1]
+    assert list(state.train["step"]) == [1]
     with open(path, "a", encoding="utf-8") as f:
         f.write(line[20:] + "\n")
     assert [r["step"] for r in state.refresh().records] == [2]
-    assert state.train["loss"] == [2.0, 1.5]
+    assert list(state.train["loss"]) == [2.0, 1.5]
 
 
 def test_new_day_files_and_job_restart_are_followed(tmp_path):
@@ -110,7 +110,7 @@ def test_new_day_files_and_job_restart_are_followed(tmp_path):
     sink.close()
     update = state.refresh()
     assert [r.get("step") for r in update.records] == [2, 3, 4]
-    assert state.train["step"] == [1, 2, 3, 4] and state.train["loss"] == [3.0, 1.5, 1.0, 1.0]
+    assert list(state.train["step"]) == [1, 2, 3, 4] and list(state.train["loss"]) == [3.0, 1.5, 1.0, 1.0]
     assert state.rewinds[0]["from_step"] == 3 and state.rewinds[0]["to_step"] == 3
 
 
@@ -143,6 +143,30 @@ def _updated(run_dir):
     from cpmbee.live.state import parse_time
 
     return parse_time(json.loads((run_dir / "status.json").read_text())["updated"])
+
+
+def test_attach_reads_in_bounded_chunks(tmp_path, monkeypatch):
+    """Attaching reads the files a chunk at a time; a line longer than a chunk is still read whole."""
+    import cpmbee.live.state as state_module
+
+    monkeypatch.setattr(state_module, "_CHUNK_BYTES", 300)
+    with MetricsLogger([JsonlSink(tmp_path / "metrics")]) as logger:
+        for step in range(1, 51):
+            logger.log("train", step, loss=1.0 / step, task_loss={"lm": 1.0})
+        logger.log("inspect", 50, params={f"group{i}": {"norm": float(i)} for i in range(100)})  # ~2.5 kB
+        logger.log("train", 51, loss=0.5)
+    state = RunState(tmp_path)
+    polls = []
+    poll = state._tailer.poll
+    monkeypatch.setattr(state._tailer, "poll", lambda max_bytes=None: polls.append(p := poll(max_bytes)) or p)
+    update = state.refresh()
+    assert len(update.records) == 52 and list(state.train["step"]) == list(range(1, 52))
+    assert len(polls) > 10 and max(len(p) for p in polls) < 10
+    assert state.latest_inspect()["params"]["group99"] == {"norm": 99.0}
+    assert not state.refresh(collect=False).records
+    with MetricsLogger([JsonlSink(tmp_path / "metrics")]) as logger:
+        logger.log("train", 52, loss=0.4)
+    assert state.refresh(collect=False).records == [] and state.train["step"][-1] == 52
 
 
 def test_records_after_reports_a_gap(tmp_path):

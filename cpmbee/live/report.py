@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..train.metrics import from_json_value
+from ..train.metrics import decode_line
 from .state import estimate_eta, load_json_file, log_offset_hours, parse_time
 
 __all__ = [
@@ -91,11 +91,11 @@ def _read_file(path: Path) -> Iterator[dict[str, Any]]:
             if not line.endswith("\n"):
                 break
             try:
-                record = json.loads(line)
+                record = decode_line(line)
             except json.JSONDecodeError:
                 continue
             if isinstance(record, dict):
-                yield from_json_value(record)
+                yield record
 
 
 def _metric_files(run_dir: Path) -> dict[str, Path]:
@@ -139,8 +139,11 @@ def _day_records(run_dir: Path, day: str, offset: float) -> list[dict[str, Any]]
     file names were made with a different offset), filtered by timestamp."""
     date = check_day(day)
     files = _metric_files(run_dir)
+    own = log_offset_hours(load_json_file(run_dir / "run.json"))
     out = []
-    for delta in (-1, 0, 1):
+    # the sink wrote each record into the file of its day at the run's own offset; with another offset a
+    # day's records lie in that file and its neighbours
+    for delta in (0,) if offset == own else (-1, 0, 1):
         name = (date + dt.timedelta(days=delta)).isoformat()
         if name not in files:
             continue
@@ -501,17 +504,21 @@ def _incident_lines(s: DaySummary) -> list[str]:
     items: list[tuple[float, str]] = []
     for inc in s.incidents:
         text = f"**{_esc(inc.get('kind', 'incident'))}** at step {inc.get('step')}: {_esc(inc.get('message', ''))}"
-        if inc.get("file"):
-            text += f" ([batch samples](../{urllib.parse.quote(str(inc['file']), safe='/')}))"
+        if inc.get("file"):  # "incidents/NAME" (or just NAME), relative to the run directory
+            name = str(inc["file"]).removeprefix("incidents/")
+            text += f" ([batch samples](../incidents/{urllib.parse.quote(name, safe='')}))"
         items.append((inc.get("_t") or 0.0, text))
+    labels = {
+        "start": "Training started",
+        "finish": "Training finished",
+        "resume": "Restart: resumed",
+        "stop": "Stopped",
+        "crash": "Crashed",
+        "data_config": "Data config reloaded",
+    }
     for ev in s.events:
-        kind = ev.get("event")
-        if kind in ("start", "finish"):
-            label = {"start": "Training started", "finish": "Training finished"}[kind]
-        else:
-            label = {"resume": "Restart: resumed", "stop": "Stopped", "crash": "Crashed"}.get(
-                str(kind), f"Event {_esc(kind)}"
-            )
+        kind = str(ev.get("event"))
+        label = labels.get(kind, f"Event {_esc(kind)}")
         text = f"**{label}** at step {ev.get('step')}"
         if ev.get("message"):
             text += f": {_esc(ev['message'])}"

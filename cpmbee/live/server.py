@@ -34,6 +34,8 @@ from typing import Any
 
 try:
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.requests import Request
     from starlette.responses import (
         FileResponse,
@@ -57,6 +59,7 @@ __all__ = ["DEFAULT_PORT", "LiveHub", "bind_socket", "create_app", "serve"]
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_PORT = 8765
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _HEARTBEAT_S = 15.0
 
 
@@ -90,8 +93,8 @@ class LiveHub:
             message["run"] = self.state.run_info
         return jsonable(message)
 
-    def tick(self) -> None:
-        update = self.state.refresh()
+    def tick(self, *, initial: bool = False) -> None:
+        update = self.state.refresh(collect=not initial)
         if update.records:
             self.publish(
                 (
@@ -131,8 +134,13 @@ def create_app(
     poll_interval: float = 1.0,
     stale_after_s: float = 60.0,
     max_points: int = 2000,
+    allowed_hosts: list[str] | None = None,
 ) -> Starlette:
-    """The dashboard app for one run directory (which need not contain anything yet)."""
+    """The dashboard app for one run directory (which need not contain anything yet).
+
+    ``allowed_hosts``: accepted ``Host`` headers (None: any). ``serve`` limits a loopback-bound server to
+    the loopback names, so a web page elsewhere cannot read the run through DNS rebinding.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run_dir: {run_dir} is not a directory")
@@ -142,7 +150,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        hub.tick()  # read the whole run once before serving
+        hub.tick(initial=True)  # read the whole run once before serving
 
         async def poll() -> None:
             while True:
@@ -294,7 +302,8 @@ def create_app(
         Route("/reports/{day}", show_report),
         Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.hub = hub
     return app
 
@@ -336,7 +345,13 @@ def serve(
         import uvicorn
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("The live dashboard needs uvicorn: pip install 'cpmbee[live]'") from err
-    app = create_app(run_dir, poll_interval=poll_interval, stale_after_s=stale_after_s)
+    loopback = host in LOOPBACK_HOSTS
+    app = create_app(
+        run_dir,
+        poll_interval=poll_interval,
+        stale_after_s=stale_after_s,
+        allowed_hosts=["127.0.0.1", "localhost", "[::1]"] if loopback else None,
+    )
     sock = bind_socket(host, port, search=search)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host

@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import time
+from array import array
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -119,53 +120,91 @@ def log_offset_hours(run_info: Mapping[str, Any] | None) -> float:
     return 0.0
 
 
+_NUMBER_TYPES = (int, float)
+_NAN = math.nan
+_CHUNK_BYTES = 16 << 20
+
+
 def _number(value: Any) -> float | None:
-    """A float for numbers (NaN/inf included), None for anything else."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
+    """A float for numbers (NaN/inf included), None for anything else (bools included)."""
+    return float(value) if type(value) in _NUMBER_TYPES else None
 
 
 def jsonable(value: Any) -> Any:
     """Non-finite floats → None, recursively, so browsers can ``JSON.parse`` the result."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    kind = type(value)
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind is int or kind is str or value is None or kind is bool:
+        return value
+    if kind is list:
+        if all(type(v) is int or (type(v) is float and math.isfinite(v)) or v is None for v in value):
+            return value  # the common case: a clean numeric column
+        return [jsonable(v) for v in value]
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, tuple):
         return [jsonable(v) for v in value]
     return value
 
 
+def _column(values: Sequence[Any]) -> np.ndarray:
+    """A float64 view/copy of a column (``array('d')`` without copying; None → NaN)."""
+    if isinstance(values, array) and values.typecode == "d":
+        return np.frombuffer(values, dtype=np.float64) if len(values) else np.zeros(0)
+    return np.array(values, dtype=np.float64) if len(values) else np.zeros(0)
+
+
+def _to_list(values: np.ndarray) -> list[Any]:
+    """Floats for JSON: non-finite → None; whole-number columns stay ints."""
+    if values.dtype.kind in "iu":
+        return values.tolist()
+    return [v if math.isfinite(v) else None for v in values.tolist()]
+
+
 def downsample(columns: Mapping[str, Sequence[Any]], max_points: int) -> dict[str, list[Any]]:
-    """At most ``max_points`` rows: consecutive rows are bucketed; positional/cumulative columns
-    (``step``, ``time``, ``tokens_seen``) keep the bucket's last value, the others its mean over finite
-    values (None when a bucket has none). The last row always survives, so live points can be appended."""
+    """At most ``max_points`` rows, as lists ready for JSON (non-finite and missing values → None).
+
+    Consecutive rows are bucketed; positional/cumulative columns (``step``, ``time``, ``tokens_seen``) keep
+    the bucket's last value, the others its mean over finite values (None when a bucket has none). The last
+    row always survives, so live points can be appended after it."""
     if max_points < 1:
         raise ValueError(f"max_points must be at least 1, got {max_points}")
     lengths = {len(v) for v in columns.values()}
     if len(lengths) > 1:
         raise ValueError(f"columns have different lengths: {sorted(lengths)}")
     n = lengths.pop() if lengths else 0
+    out: dict[str, list[Any]] = {}
     if n <= max_points:
-        return {k: list(v) for k, v in columns.items()}
+        for key, values in columns.items():
+            if isinstance(values, array) and values.typecode == "q":
+                out[key] = values.tolist()
+            else:
+                out[key] = _to_list(_column(values))
+        return out
     bucket = math.ceil(n / max_points)
     rows = math.ceil(n / bucket)
     last = np.minimum(np.arange(1, rows + 1) * bucket - 1, n - 1)
-    out: dict[str, list[Any]] = {}
     for key, values in columns.items():
-        if key in _LAST_COLUMNS:
-            out[key] = [values[i] for i in last]
+        if isinstance(values, array) and values.typecode == "q":
+            out[key] = np.frombuffer(values, dtype=np.int64)[last].tolist()
             continue
-        arr = np.full(rows * bucket, np.nan)
-        arr[:n] = [np.nan if v is None else v for v in values]
-        arr[~np.isfinite(arr)] = np.nan
-        arr = arr.reshape(rows, bucket)
-        counts = np.sum(~np.isnan(arr), axis=1)
-        sums = np.nansum(arr, axis=1)
-        means = np.divide(sums, counts, out=np.full(rows, np.nan), where=counts > 0)
-        out[key] = [None if math.isnan(m) else float(m) for m in means]
+        col = _column(values)
+        if key in _LAST_COLUMNS:
+            out[key] = _to_list(col[last])
+            continue
+        padded = np.full(rows * bucket, np.nan)
+        padded[:n] = col
+        padded[~np.isfinite(padded)] = np.nan
+        padded = padded.reshape(rows, bucket)
+        counts = np.sum(~np.isnan(padded), axis=1)
+        sums = np.nansum(padded, axis=1)
+        out[key] = _to_list(np.divide(sums, counts, out=np.full(rows, np.nan), where=counts > 0))
     return out
+
+
+def _present(value: Any) -> bool:
+    return value is not None and value == value  # not None, not NaN
 
 
 def estimate_eta(
@@ -192,10 +231,10 @@ def estimate_eta(
         "eta_s": None,
     }
     plan = plan or {}
-    if not steps:
+    if not len(steps):
         return out
     total_tokens, total_steps = plan.get("total_tokens"), plan.get("total_steps")
-    if total_tokens and tokens_seen and tokens_seen[-1] is not None:
+    if total_tokens and len(tokens_seen) and _present(tokens_seen[-1]):
         unit, series, total = "tokens", tokens_seen, float(total_tokens)
     elif total_steps:
         unit, series, total = "steps", steps, float(total_steps)
@@ -204,7 +243,7 @@ def estimate_eta(
     done = float(series[-1])
     out.update(unit=unit, done=done, total=total, progress=min(done / total, 1.0) if total > 0 else None)
     start = len(times) - 1
-    while start > 0 and times[start - 1] >= times[-1] - window_s and series[start - 1] is not None:
+    while start > 0 and times[start - 1] >= times[-1] - window_s and _present(series[start - 1]):
         start -= 1
     if start < len(times) - 1:
         elapsed = times[-1] - times[start]
@@ -248,7 +287,7 @@ class RunState:
     """
 
     def __init__(
-        self, run_dir: str | os.PathLike, *, stale_after_s: float = 60.0, history: int = 20000
+        self, run_dir: str | os.PathLike, *, stale_after_s: float = 60.0, history: int = 5000
     ) -> None:
         self.run_dir = Path(run_dir)
         self.stale_after_s = stale_after_s
@@ -259,9 +298,13 @@ class RunState:
         self.raw_status: dict[str, Any] | None = None
         self._run_mtime: float | None = None
         self._status_key: tuple[Any, ...] | None = None
-        # training series
-        self.train: dict[str, list[Any]] = {"step": [], "time": [], **{k: [] for k in TRAIN_FIELDS}}
-        self.task_loss: dict[str, list[float | None]] = {}
+        # training series: typed arrays (8 bytes a value; NaN where a record had no number)
+        self.train: dict[str, array] = {
+            "step": array("q"),
+            "time": array("d"),
+            **{k: array("d") for k in TRAIN_FIELDS},
+        }
+        self.task_loss: dict[str, array] = {}
         self.nonfinite_steps: list[int] = []
         self.eval: list[dict[str, Any]] = []
         self.checkpoints: list[dict[str, Any]] = []
@@ -272,23 +315,34 @@ class RunState:
         self.data: dict[str, Any] | None = None
         self.rewinds: list[dict[str, Any]] = []
         # parameter inspection: aligned per-step columns for every group and statistic
-        self.inspect_steps: list[int] = []
-        self.inspect_time: list[float | None] = []
-        self.inspect: dict[str, dict[str, list[float | None]]] = {}
+        self.inspect_steps: array = array("q")
+        self.inspect_time: array = array("d")
+        self.inspect: dict[str, dict[str, array]] = {}
         self.counts: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------------ reading
-    def refresh(self) -> Update:
-        """Read what was appended or changed since the last call."""
+    def refresh(self, *, collect: bool = True) -> Update:
+        """Read what was appended or changed since the last call.
+
+        The files are read in chunks of about 16 MiB, so attaching to a long run never holds more than one
+        chunk's records at a time; ``collect=False`` does not return the records (attaching), they are
+        still kept for ``records_after``.
+        """
         update = Update()
         update.run_changed = self._read_run()
         update.status_changed = self._read_status()
-        for record in self._tailer.poll():
-            self.seq += 1
-            record["seq"] = self.seq
-            self._ingest(record)
-            self._recent.append(record)
-            update.records.append(record)
+        while True:
+            before = dict(self._tailer.offsets)
+            records = self._tailer.poll(max_bytes=_CHUNK_BYTES)
+            for record in records:
+                self.seq += 1
+                record["seq"] = self.seq
+                self._ingest(record)
+                self._recent.append(record)
+            if collect:
+                update.records.extend(records)
+            if not records and self._tailer.offsets == before:
+                break
         return update
 
     def _read_run(self) -> bool:
@@ -342,15 +396,19 @@ class RunState:
             self._rewind(step, record)
         n = len(steps)
         steps.append(step)
-        self.train["time"].append(parse_time(record.get("time")))
+        train = self.train
+        when = parse_time(record.get("time"))
+        train["time"].append(_NAN if when is None else when)
         for key in TRAIN_FIELDS:
-            self.train[key].append(_number(record.get(key)))
+            value = record.get(key)
+            train[key].append(value if type(value) in _NUMBER_TYPES else _NAN)
         task_loss = record.get("task_loss") if isinstance(record.get("task_loss"), Mapping) else {}
         for task in task_loss:
             if task not in self.task_loss:
-                self.task_loss[str(task)] = [None] * n
+                self.task_loss[str(task)] = array("d", [_NAN]) * n
         for task, column in self.task_loss.items():
-            column.append(_number(task_loss.get(task)))
+            value = task_loss.get(task)
+            column.append(value if type(value) in _NUMBER_TYPES else _NAN)
         loss = _number(record.get("loss"))
         if loss is not None and not math.isfinite(loss):
             self.nonfinite_steps.append(step)
@@ -419,18 +477,23 @@ class RunState:
                     del column[icut:]
         n = len(self.inspect_steps)
         self.inspect_steps.append(step)
-        self.inspect_time.append(parse_time(record.get("time")))
+        when = parse_time(record.get("time"))
+        self.inspect_time.append(_NAN if when is None else when)
         for group, values in params.items():
             if not isinstance(values, Mapping):
                 continue
-            stats = self.inspect.setdefault(str(group), {})
+            stats = self.inspect.get(group)
+            if stats is None:
+                stats = self.inspect[str(group)] = {}
             for stat, value in values.items():
-                column = stats.setdefault(str(stat), [None] * n)
-                column.append(_number(value))
+                column = stats.get(stat)
+                if column is None:
+                    column = stats[str(stat)] = array("d", [_NAN]) * n
+                column.append(value if type(value) in _NUMBER_TYPES else _NAN)
         for stats in self.inspect.values():  # groups/stats missing from this record
             for column in stats.values():
                 if len(column) == n:
-                    column.append(None)
+                    column.append(_NAN)
 
     # ------------------------------------------------------------------------------------ views
     def status(self, now: float | None = None) -> dict[str, Any]:
@@ -459,22 +522,24 @@ class RunState:
         """``estimate_eta`` over the last ``tail`` training points (the rate window is 10 minutes)."""
         t = self.train
         first = max(len(t["step"]) - tail, 0)
-        rows = [i for i in range(first, len(t["step"])) if t["time"][i] is not None]
+        times = t["time"][first:]
+        rows = [i for i, v in enumerate(times) if v == v]
+        steps, seen = t["step"][first:], t["tokens_seen"][first:]
         return estimate_eta(
-            [t["time"][i] for i in rows],
-            [t["step"][i] for i in rows],
-            [t["tokens_seen"][i] for i in rows],
+            [times[i] for i in rows],
+            [steps[i] for i in rows],
+            [seen[i] for i in rows],
             self.run_info.get("plan"),
         )
 
     def train_columns(self, max_points: int | None = 2000) -> dict[str, Any]:
         columns: dict[str, Sequence[Any]] = {
-            k: v for k, v in self.train.items() if k in ("step", "time") or any(x is not None for x in v)
+            k: v for k, v in self.train.items() if k in ("step", "time") or not np.isnan(_column(v)).all()
         }
         columns.update({f"task_loss/{task}": v for task, v in self.task_loss.items()})
         sampled = downsample(columns, max_points) if max_points else {k: list(v) for k, v in columns.items()}
         tasks = {k.split("/", 1)[1]: sampled.pop(k) for k in list(sampled) if k.startswith("task_loss/")}
-        return {**jsonable(sampled), "task_loss": jsonable(tasks), "points": len(self.train["step"])}
+        return {**sampled, "task_loss": tasks, "points": len(self.train["step"])}
 
     def inspect_series(
         self, stat: str, pattern: str | None = None, *, limit: int = 16, max_points: int = 500
@@ -495,7 +560,7 @@ class RunState:
             "step": sampled.pop("step"),
             "groups": chosen,
             "matched": len(names),
-            "series": jsonable(sampled),
+            "series": sampled,
         }
 
     def latest_inspect(self) -> dict[str, Any] | None:

@@ -214,9 +214,28 @@
     }
     return String(v);
   }
+  function fmtTicks(vals, incr) {
+    // as many decimals as the tick spacing needs (a loss axis from 11.30 to 11.36 keeps two)
+    const big = vals.some((v) => isNum(v) && Math.abs(v) >= 1e6);
+    const tiny = isNum(incr) && incr > 0 && incr < 1e-3;
+    if (big || tiny) return vals.map((v) => (isNum(v) ? (v === 0 ? "0" : v.toExponential(big ? 2 : 1)) : ""));
+    const dec = isNum(incr) && incr > 0 ? Math.max(0, Math.min(6, -Math.floor(Math.log10(incr) + 1e-9))) : 2;
+    return vals.map((v) => (isNum(v) ? v.toFixed(dec) : ""));
+  }
+  // tick increments for step axes: whole numbers only
+  const STEP_INCRS = [];
+  for (let e = 0; e <= 9; e++) for (const m of [1, 2, 5]) STEP_INCRS.push(m * 10 ** e);
   function axisValues(kind) {
     if (kind === "tokens_seen") return (u, vals) => vals.map(fmtShort);
-    return (u, vals) => vals.map((v) => fmtNum(v, 3));
+    return (u, vals, axis, space, incr) => fmtTicks(vals, incr);
+  }
+  function shortNames(names) {
+    // drop the dotted prefix all names share: "cpmbee.encoder.layers.*.ffn" -> "layers.*.ffn"
+    if (names.length < 2) return names;
+    let prefix = names[0];
+    for (const n of names) while (!n.startsWith(prefix)) prefix = prefix.slice(0, -1);
+    const cut = prefix.lastIndexOf(".") + 1;
+    return names.map((n) => n.slice(cut) || n);
   }
 
   function buildChart(def, cd, box) {
@@ -228,8 +247,9 @@
       width, height: def.height || 190,
       scales: { x: { time: S.xKey === "time" }, y: def.log ? { distr: 3 } : {} },
       axes: [
-        { values: S.xKey === "time" ? undefined : axisValues(S.xKey), space: S.xKey === "tokens_seen" ? 70 : 50, stroke: "#6b7385", grid: { stroke: "#eef0f4" } },
-        { size: 62, values: def.count ? axisValues("tokens_seen") : (u, vals) => vals.map((v) => fmtNum(v, 3)), stroke: "#6b7385", grid: { stroke: "#eef0f4" } },
+        { values: S.xKey === "time" ? undefined : axisValues(S.xKey), space: S.xKey === "tokens_seen" ? 70 : 50,
+          incrs: S.xKey === "step" ? STEP_INCRS : undefined, stroke: "#6b7385", grid: { stroke: "#eef0f4" } },
+        { size: 62, values: axisValues(def.count ? "tokens_seen" : "y"), stroke: "#6b7385", grid: { stroke: "#eef0f4" } },
       ],
       series: [
         { label: S.xKey === "time" ? "time" : S.xKey.replace("_", " "),
@@ -398,8 +418,8 @@
     const rows = [...names].sort().map((name) => {
       const share = mix && mix.shares ? mix.shares[name] : null;
       const bar = isNum(share) ? el("span", {}, el("span", { class: "bar", style: `width:${Math.max(1, 200 * share)}px` }), ` ${(100 * share).toFixed(1)} %`) : "—";
-      const get = (o) => (o && name in o ? (isNum(o[name]) ? fmtCount(o[name]) : String(o[name])) : "—");
-      return el("tr", {}, el("td", {}, name), el("td", {}, bar), el("td", {}, get(mix && mix.weights)), el("td", {}, get(mix && mix.records)),
+      const get = (o, f = fmtCount) => (o && name in o ? (isNum(o[name]) ? f(o[name]) : String(o[name])) : "—");
+      return el("tr", {}, el("td", {}, name), el("td", {}, bar), el("td", {}, get(mix && mix.weights, fmtNum)), el("td", {}, get(mix && mix.records)),
         el("td", {}, get(data.consumed)), el("td", {}, get(data.epochs)), el("td", {}, get(data.skipped_too_long)));
     });
     $("mixture-rows").replaceChildren(...rows);
@@ -451,8 +471,9 @@
     inspectChart = new uPlot({
       width: Math.max(box.clientWidth - 10, 300), height: 260,
       scales: { x: { time: false } },
-      axes: [{ stroke: "#6b7385", grid: { stroke: "#eef0f4" } }, { size: 62, values: (u, vals) => vals.map((x) => fmtNum(x, 3)), stroke: "#6b7385", grid: { stroke: "#eef0f4" } }],
-      series: [{ label: "step" }, ...v.groups.map((g, i) => ({ label: g, stroke: COLORS[i % COLORS.length], width: 1.3, value: (u, x) => fmtNum(x) }))],
+      axes: [{ incrs: STEP_INCRS, stroke: "#6b7385", grid: { stroke: "#eef0f4" } },
+        { size: 62, values: axisValues("y"), stroke: "#6b7385", grid: { stroke: "#eef0f4" } }],
+      series: [{ label: "step" }, ...shortNames(v.groups).map((g, i) => ({ label: g, stroke: COLORS[i % COLORS.length], width: 1.3, value: (u, x) => fmtNum(x) }))],
       cursor: { drag: { x: true, y: false } },
     }, data, box);
   }
