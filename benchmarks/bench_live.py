@@ -101,7 +101,7 @@ def main() -> None:
 
         before = rss_mib()
         state = RunState(run_dir)
-        _, t_attach = timed(state.refresh)
+        _, t_attach = timed(lambda: state.refresh(collect=False))  # as the server attaches
         print(
             f"attach (read everything once): {t_attach:.2f} s, {args.steps / t_attach:,.0f} steps/s, "
             f"{size / 2**20 / t_attach:.1f} MiB/s; memory held by the reader {rss_mib() - before:.0f} MiB (RSS growth)"

@@ -40,9 +40,15 @@ def _chromium() -> str:
         import playwright.sync_api  # noqa: F401
     except ImportError:
         reason = "the `playwright` Python package is not installed (pip install -e '.[dev]')"
-    path = os.environ.get("CPMBEE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    wanted = os.environ.get("CPMBEE_CHROMIUM")
+    if wanted:
+        path = wanted if os.access(wanted, os.X_OK) else None
+    else:
+        path = shutil.which("chromium") or shutil.which("chromium-browser")
     if reason is None and path is None:
-        reason = "no chromium binary (apt-get install chromium, or set CPMBEE_CHROMIUM)"
+        reason = (
+            f"no chromium binary at {wanted}" if wanted else "no chromium binary (apt-get install chromium)"
+        )
     if reason is not None:
         if os.environ.get("CPMBEE_REQUIRE_BROWSER"):
             pytest.fail(f"browser test required but {reason}")
@@ -164,9 +170,15 @@ def test_dashboard_renders_and_follows_the_run(tmp_path, browser_page):
         write_status(run_dir, "crashed", 153)
         page.wait_for_function("document.getElementById('state').textContent === 'crashed'", timeout=10000)
         assert page.evaluate("window.__noReload") == 1
+        # a long-running page halves its resolution instead of growing without bound
+        page.evaluate("window.cpmbeeLive.S.maxPoints = 40")
+        append_live_steps(run_dir, 154, 1)
+        page.wait_for_function("window.cpmbeeLive.charts.loss.u.data[0].length === 77", timeout=10000)
+        xs = page.evaluate("window.cpmbeeLive.charts.loss.u.data[0]")
+        assert xs[-1] == 154 and xs == sorted(xs) and xs[0] == 2  # pairs (1,2), (3,4), ...: last step of each
         # switching the x axis redraws with tokens
         page.select_option("#x-axis", "tokens_seen")
-        page.wait_for_function("window.cpmbeeLive.charts.loss.u.data[0][0] === 4096")
+        page.wait_for_function("window.cpmbeeLive.charts.loss.u.data[0][0] === 2 * 4096")
         _shot(page, tmp_path, "dashboard-after-updates.png")
 
         # the daily log page

@@ -410,6 +410,7 @@ def render_markdown(s: DaySummary, comment: str | None = None) -> str:
             f"(steps {s.end_steps[0]}–{s.end_steps[1]}) logged steps of the day."
             if s.begin_steps and s.end_steps
             else "",
+            "",
         ]
         if s.eval:
             extra = ", ".join(
@@ -423,7 +424,7 @@ def render_markdown(s: DaySummary, comment: str | None = None) -> str:
                 + ".",
                 "",
             ]
-    lines += ["## Completed Data", ""]
+    lines += ["", "## Completed Data", ""]
     lines += [f"- This day: {human_count(s.tokens_day)} tokens ({s.tokens_day:,})"]
     if s.tokens_total is not None:
         lines += [f"- In total: {human_count(s.tokens_total)} tokens ({s.tokens_total:,})"]

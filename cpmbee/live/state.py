@@ -122,7 +122,7 @@ def log_offset_hours(run_info: Mapping[str, Any] | None) -> float:
 
 _NUMBER_TYPES = (int, float)
 _NAN = math.nan
-_CHUNK_BYTES = 16 << 20
+_CHUNK_BYTES = 4 << 20
 
 
 def _number(value: Any) -> float | None:
@@ -324,9 +324,9 @@ class RunState:
     def refresh(self, *, collect: bool = True) -> Update:
         """Read what was appended or changed since the last call.
 
-        The files are read in chunks of about 16 MiB, so attaching to a long run never holds more than one
-        chunk's records at a time; ``collect=False`` does not return the records (attaching), they are
-        still kept for ``records_after``.
+        The files are read in chunks of about 4 MiB, so attaching to a long run never holds more than one
+        chunk's records at a time. ``collect=False`` (attaching) neither returns the records nor keeps them
+        for ``records_after``: a client that was not there gets a snapshot instead.
         """
         update = Update()
         update.run_changed = self._read_run()
@@ -338,8 +338,8 @@ class RunState:
                 self.seq += 1
                 record["seq"] = self.seq
                 self._ingest(record)
-                self._recent.append(record)
             if collect:
+                self._recent.extend(records)
                 update.records.extend(records)
             if not records and self._tailer.offsets == before:
                 break
@@ -432,7 +432,8 @@ class RunState:
 
     def _on_eval(self, record: dict[str, Any]) -> None:
         if isinstance(record.get("step"), int):
-            self.eval = [e for e in self.eval if e["step"] < record["step"]]
+            if self.eval and self.eval[-1]["step"] >= record["step"]:  # re-evaluated after a resume
+                self.eval = [e for e in self.eval if e["step"] < record["step"]]
             self.eval.append({k: v for k, v in record.items() if k not in ("type", "seq")})
 
     def _on_checkpoint(self, record: dict[str, Any]) -> None:
