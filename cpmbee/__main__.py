@@ -12,6 +12,8 @@ import click
 COMMANDS: dict[str, str] = {
     "build-vocab": "cpmbee.commands.build_vocab:build_vocab",
     "convert": "cpmbee.commands.convert:convert",
+    "live": "cpmbee.commands.live:live",
+    "report": "cpmbee.commands.report:report",
 }
 
 
