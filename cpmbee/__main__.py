@@ -14,8 +14,10 @@ COMMANDS: dict[str, str] = {
     "build-vocab": "cpmbee.commands.build_vocab:build_vocab",
     "convert": "cpmbee.commands.convert:convert",
     "dataset": "cpmbee.commands.dataset:dataset",
+    "live": "cpmbee.commands.live:live",
     "prepare-corpus": "cpmbee.commands.prepare_corpus:prepare_corpus",
     "pretrain": "cpmbee.commands.pretrain:pretrain",
+    "report": "cpmbee.commands.report:report",
 }
 
 
