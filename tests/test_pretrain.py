@@ -403,3 +403,26 @@ def test_run_directory_previous_state(tmp_path):
     run.write_run({"name": "r", "world_size": 2})
     again = json.loads((tmp_path / "r" / "run.json").read_text())
     assert again["created"] == created and again["world_size"] == 2
+
+
+def test_live_flag_starts_the_dashboard_with_the_job(setup, tmp_path, monkeypatch):
+    import cpmbee.train.pretrain as pretrain
+
+    started = []
+
+    class FakeDashboard:  # records how the dashboard would be started, and that it is stopped
+        def __init__(self, args):
+            started.append(args)
+            self.pid, self.stopped = 12345, False
+
+        def terminate(self):
+            self.stopped = True
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(pretrain.subprocess, "Popen", FakeDashboard)
+    run = pretrain._Run(load_pretrain_config(setup(train={"max_steps": 1})), live=True)
+    assert run.fit()["state"] == "finished"
+    assert started == [[sys.executable, "-m", "cpmbee", "live", str(tmp_path / "run")]]
+    assert run.live_process.stopped

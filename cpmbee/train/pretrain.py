@@ -183,6 +183,7 @@ class _Run:
         self.last_shares: dict[str, float] | None = None
         self.stop = _Stop()
         self.live = live
+        self.live_process: subprocess.Popen | None = None
         self.samples_enabled = True
         self.logger = MetricsLogger(self._sinks(), enabled=self.main)
 
@@ -241,19 +242,20 @@ class _Run:
         self.logger.log("incident", self.step, **fields)
 
     def _start_live(self) -> None:
+        """``--live``: the dashboard (``cpmbee live RUN_DIR``) as a child process that stops with the job."""
         from .. import __main__ as cli
 
-        if "live" in cli.COMMANDS:
-            subprocess.Popen(
-                [sys.executable, "-m", "cpmbee", "live", str(self.run_dir)], start_new_session=True
-            )
-            print(f"live dashboard started for {self.run_dir} (cpmbee live)", file=sys.stderr)
-        else:
+        if "live" not in cli.COMMANDS:
             print(
-                f"the live dashboard is not installed in this version; watch {self.run_dir}/metrics or run "
-                f"`cpmbee live {self.run_dir}` once available",
-                file=sys.stderr,
+                f"no live dashboard in this version; follow {self.run_dir}/metrics instead", file=sys.stderr
             )
+            return
+        self.live_process = subprocess.Popen([sys.executable, "-m", "cpmbee", "live", str(self.run_dir)])
+        print(
+            f"live dashboard started (pid {self.live_process.pid}); it stops with this job — "
+            f"`cpmbee live {self.run_dir}` watches the run at any time",
+            file=sys.stderr,
+        )
 
     # ---------------------------------------------------------------------------------- the loop
     def _done(self) -> bool:
@@ -541,6 +543,9 @@ class _Run:
             self._write_status(state, force=True)
             self.logger.close()
             self.data.close()
+            if self.live_process is not None:
+                self.live_process.terminate()
+                self.live_process.wait(timeout=30)
         return {
             "state": state,
             "step": self.step,
