@@ -225,3 +225,20 @@ def test_pipeline_reshards_to_another_world_size(mix, tiny_tokenizer):
     counters = next(single).counters
     before = sum(sum(p._states[0]["sources"][k]["consumed"] for k in ("lm.text", "qa.qa")) for p in ranks)
     assert sum(counters["consumed"].values()) > before
+
+
+def test_hot_reload_reaches_worker_processes(mix, tiny_tokenizer):
+    p = DataPipeline(mix, tiny_tokenizer, max_length=64, batch_size=2, num_workers=1, seed=1)
+    next(p)
+    config = json.loads(mix.read_text())
+    config[0]["weight"] = 0.0
+    mix.write_text(json.dumps(config))
+    _touch_later(mix)
+    events, datasets = [], []
+    for _ in range(8):  # the worker has a few batches made ahead before it sees the edit
+        out = next(p)
+        events += out.events
+        datasets.append({r["dataset"] for r in out.batch.raw_data})
+    p.close()
+    assert any(e["type"] == "mixture" and e["shares"] == {"lm.text": 0.0, "qa.qa": 1.0} for e in events)
+    assert datasets[-1] == {"qa.qa"}

@@ -426,3 +426,16 @@ def test_live_flag_starts_the_dashboard_with_the_job(setup, tmp_path, monkeypatc
     assert run.fit()["state"] == "finished"
     assert started == [[sys.executable, "-m", "cpmbee", "live", str(tmp_path / "run")]]
     assert run.live_process.stopped
+
+
+def test_gradient_checkpointing_gives_the_same_losses(setup, tmp_path):
+    from cpmbee.train.pretrain import run_pretrain
+
+    for name, flag in (("plain", False), ("recompute", True)):
+        cfg = setup(f"{name}.yaml", run_dir=name, train={"max_steps": 2, "gradient_checkpointing": flag})
+        run_pretrain(load_pretrain_config(cfg))
+    plain, recompute = losses(tmp_path / "plain"), losses(tmp_path / "recompute")
+    assert sorted(plain) == [1, 2]
+    for step in plain:
+        assert recompute[step][0] == pytest.approx(plain[step][0], rel=1e-6)
+        assert recompute[step][2] == pytest.approx(plain[step][2], rel=1e-5)

@@ -128,7 +128,7 @@ class _Run:
                 f"model.vocab has {self.tokenizer.vocab_size} entries but the model's vocab_size is {model.config.vocab_size}"
             )
         if config.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         self.num_params = sum(p.numel() for p in model.parameters())
         t = config.train
@@ -149,8 +149,16 @@ class _Run:
         path = None if resume == "never" else (self.manager.latest() if resume == "auto" else Path(resume))
         if resume not in ("auto", "never") and not (Path(resume) / "state.json").is_file():
             raise ValueError(f"checkpoint.resume: {resume} is not a checkpoint directory")
+        from accelerate.utils import DistributedType
+
+        # FSDP / DeepSpeed shard the optimizer state: what rank 0 saved is only its shard (not resumable)
+        self.sharded = self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        self.optimizer_restored = True
         if path is not None:
-            meta = self.manager.load(path, model=model, optimizer=optimizer, scheduler=self.scheduler)
+            self.optimizer_restored = not self.sharded
+            meta = self.manager.load(
+                path, model=model, optimizer=None if self.sharded else optimizer, scheduler=self.scheduler
+            )
             self.step = int(meta["step"])
             state = meta["state"]
             self.tokens_seen = int(state.get("tokens_seen", 0))
@@ -451,7 +459,7 @@ class _Run:
                 self.step,
                 model_state=state_dict,
                 config=self.raw_model.config,
-                optimizer=self.optimizer.optimizer,
+                optimizer=None if self.sharded else self.optimizer.optimizer,
                 scheduler=self.scheduler,
                 state={
                     "tokens_seen": self.tokens_seen,
@@ -507,6 +515,11 @@ class _Run:
                 if self.data.resharded:
                     message += f"; data re-sharded for world size {self.world}"
                 self.logger.log("event", self.step, event="resume", message=message)
+                if not self.optimizer_restored:
+                    self._incident(
+                        "resume",
+                        "optimizer state not restored: sharded engine (FSDP/DeepSpeed) checkpoints hold rank 0's shard only",
+                    )
                 if previous in ("running", "crashed"):
                     self._incident(
                         "restart", f"restart after an unclean exit (last state {previous}); {message}"
