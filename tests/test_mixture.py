@@ -242,3 +242,26 @@ def test_hot_reload_reaches_worker_processes(mix, tiny_tokenizer):
     p.close()
     assert any(e["type"] == "mixture" and e["shares"] == {"lm.text": 0.0, "qa.qa": 1.0} for e in events)
     assert datasets[-1] == {"qa.qa"}
+
+
+def test_dataset_growth_and_masking_reach_a_running_stream(tmp_path, mix, tiny_tokenizer):
+    from cpmbee.data.tools import mask_shards
+
+    s = stream(mix, tiny_tokenizer, batch_size=4)
+    s.next_batch()
+    with ShardWriter(tmp_path / "qa", "late", block_records=4) as w:  # appended while the stream reads
+        for i in range(40):
+            w.write({"q": f"late {i}", "a": "new", "extra": {}})
+    records = []
+    for _ in range(30):
+        out = s.next_batch()
+        records += [r["input"] for r in out.batch.raw_data if r["dataset"] == "qa.qa"]
+    assert s.mixture()["records"]["qa.qa"] == 60  # "records" sampling: the grown dataset weighs more
+    assert any(str(r.get("input", r.get("question", ""))).startswith("late") for r in records)
+    mask_shards(tmp_path / "qa", ["late"])
+    s.next_batch()
+    assert s.mixture()["records"]["qa.qa"] == 20
+    for _ in range(6):  # blocks already started finish; then only unmasked shards are read
+        s.next_batch()
+    later = [r["input"] for _ in range(10) for r in s.next_batch().batch.raw_data if r["dataset"] == "qa.qa"]
+    assert later and not any(str(r.get("input", r.get("question", ""))).startswith("late") for r in later)

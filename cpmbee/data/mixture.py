@@ -393,6 +393,8 @@ class MixedStream:
     def next_batch(self) -> StreamOutput:
         """Read, build and pack until a batch is full."""
         self._reload()
+        for source in self.sources.values():  # appended or masked shards change the record counts
+            source.dataset.refresh()
         batch = None
         while batch is None:
             shares = self._note_mixture()
