@@ -439,3 +439,24 @@ def test_gradient_checkpointing_gives_the_same_losses(setup, tmp_path):
     for step in plain:
         assert recompute[step][0] == pytest.approx(plain[step][0], rel=1e-6)
         assert recompute[step][2] == pytest.approx(plain[step][2], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_cleanly(setup, tmp_path):
+    config = setup("sig.yaml", run_dir="sig", train={"max_steps": 100000}, checkpoint={"every": 100000})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.Popen(
+        [*cmd, "-m", "cpmbee", "pretrain", "--config", str(config)], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "sig" / "metrics").glob("*.jsonl")):
+        time.sleep(0.1)
+    time.sleep(3)
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2
+    os.kill(int(ranks[-1]), signal.SIGTERM)  # only one rank hears it
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    status = json.loads((tmp_path / "sig" / "status.json").read_text())
+    assert status["state"] == "stopped"
+    assert (tmp_path / "sig" / "checkpoints" / f"step-{status['step']:08d}").is_dir()

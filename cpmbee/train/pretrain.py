@@ -190,6 +190,7 @@ class _Run:
         self.counters: dict[int, dict[str, dict[str, int]]] = {}
         self.last_shares: dict[str, float] | None = None
         self.stop = _Stop()
+        self.stop_now = False
         self.live = live
         self.live_process: subprocess.Popen | None = None
         self.samples_enabled = True
@@ -290,7 +291,7 @@ class _Run:
             device=acc.device,
         )
         targets, tokens, stop = (float(x) for x in acc.reduce(local, "sum"))
-        self.stop.requested = stop > 0
+        self.stop_now = stop > 0  # every rank agrees to stop after this step (a signal may reach one rank)
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         task_sums: dict[str, list[float]] = {}
         for i, pb in enumerate(micro):
@@ -453,6 +454,7 @@ class _Run:
         else:
             parts = [part]
         state_dict = self.acc.get_state_dict(self.model)
+        self.saved_step = self.step  # on every rank: the final-checkpoint decision must agree
         if self.main:
             data_state = gather_state(parts, self.world, self.data.per_rank)
             path = self.manager.save(
@@ -470,7 +472,6 @@ class _Run:
                 files={"vocab.txt": self.vocab},
             )
             rel = str(path.relative_to(self.run_dir))
-            self.saved_step = self.step
             self.logger.log("checkpoint", self.step, path=rel, tokens_seen=self.tokens_seen)
             self._samples(rel)
         self.acc.wait_for_everyone()
@@ -535,7 +536,7 @@ class _Run:
         self.stop.install()
         state = "running"
         try:
-            while not self._done() and not self.stop.requested:
+            while not self._done() and not self.stop_now:
                 self._train_step()
                 if self.step % c.logging.data_every == 0:
                     self._log_data()
