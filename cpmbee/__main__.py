@@ -10,9 +10,13 @@ import click
 
 # name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
+    "build-dataset": "cpmbee.commands.build_dataset:build_dataset",
     "build-vocab": "cpmbee.commands.build_vocab:build_vocab",
     "convert": "cpmbee.commands.convert:convert",
+    "dataset": "cpmbee.commands.dataset:dataset",
     "live": "cpmbee.commands.live:live",
+    "prepare-corpus": "cpmbee.commands.prepare_corpus:prepare_corpus",
+    "pretrain": "cpmbee.commands.pretrain:pretrain",
     "report": "cpmbee.commands.report:report",
 }
 
