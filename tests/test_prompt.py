@@ -244,3 +244,10 @@ def test_prepare_for_finetune_labels(tiny_tokenizer):
     assert (labels[0, :ans_start] == -100).all()
     with pytest.raises(ValueError, match=r"sample 0: .* more than max_length=4"):
         prepare_for_finetune(tiny_tokenizer, {"input": "今天", "<ans>": "天气"}, max_length=4)
+
+
+def test_instance_builder_gives_up_on_records_that_never_fit(tiny_tokenizer):
+    builder = InstanceBuilder(tiny_tokenizer, max_length=8, max_consecutive_skips=20)
+    with pytest.raises(ValueError, match="20 records in a row are longer than max_length=8"):
+        builder.build(lambda: {"input": "abcdefghij", "<ans>": "x"})
+    assert builder.skipped_too_long == 20

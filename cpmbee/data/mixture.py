@@ -36,7 +36,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..prompt import DEFAULT_MAX_DEPTH, TrainingBatch, TrainingSample
-from ..train.checkpointing import rng_from_json, rng_to_json
+from ..rng import rng_from_json, rng_to_json
 from .packing import BatchPacker, InstanceBuilder, _Row
 from .shards import BlockCursor, Dataset, _seed, read_index, redeal
 from .transforms import validate_template
@@ -281,6 +281,7 @@ class MixedStream:
             max_depth,
             rng=np.random.RandomState(_seed(seed, stream, 1)),
             py_rng=random.Random(_seed(seed, stream, 2)),
+            max_consecutive_skips=MAX_CONSECUTIVE_SKIPS,
         )
         self.packer = BatchPacker(
             batch_size,
@@ -377,15 +378,13 @@ class MixedStream:
         start = self.builder.skipped_too_long
 
         def read() -> Any:
-            if self.builder.skipped_too_long - start >= MAX_CONSECUTIVE_SKIPS:
-                raise ValueError(
-                    f"dataset {source.entry.identity}: {MAX_CONSECUTIVE_SKIPS} records in a row are longer than "
-                    f"max_length={self.builder.max_length} tokens"
-                )
             source.consumed += 1
             return source.cursor.next()
 
-        instance = self.builder.build(read, source.transforms(), source.entry.incontext_weight)
+        try:
+            instance = self.builder.build(read, source.transforms(), source.entry.incontext_weight)
+        except ValueError as err:
+            raise ValueError(f"dataset {source.entry.identity}: {err}") from None
         source.skipped_too_long += self.builder.skipped_too_long - start
         instance.raw = {"dataset": source.entry.identity, **(instance.raw or {})}
         return instance
