@@ -224,6 +224,7 @@ class _Run:
                 "model": model,
                 "world_size": self.world,
                 "tokens_per_step": self.world * c.train.grad_accum * c.data.batch_size * c.data.max_length,
+                "utc_offset_hours": c.logging.utc_offset_hours,
             }
         )
 
