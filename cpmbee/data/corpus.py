@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -126,6 +127,12 @@ def cedict_records(source: str | Path) -> Iterator[dict[str, Any]]:
         yield {"zh": _escape(m["simp"]), "pinyin": m["pinyin"], "en": _escape("; ".join(defs))}
 
 
+def is_held_out(headword: str, fraction: float) -> bool:
+    """Deterministic held-out choice by headword (all readings of a word fall on the same side)."""
+    digest = hashlib.sha1(headword.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") < fraction * 2**32
+
+
 def prepare_corpus(
     output: str | Path,
     *,
@@ -133,21 +140,44 @@ def prepare_corpus(
     fortunes: Iterable[str | Path] = (),
     cedict: str | Path | None = None,
     block_records: int = 256,
+    cedict_holdout: float = 0.0,
 ) -> dict[str, int]:
     """Write the given sources as datasets under ``output`` (``ccpm_choice``, ``ccpm_text``, ``fortunes_zh``,
-    ``fortunes_en``, ``cedict``); returns records per dataset. Existing datasets there are replaced."""
+    ``fortunes_en``, ``cedict``); returns records per dataset. Existing datasets there are replaced.
+
+    ``cedict_holdout`` keeps that fraction of dictionary headwords out of the ``cedict`` dataset and writes
+    them to ``cedict_heldout.jsonl`` instead, for measuring translation of unseen entries."""
     import shutil
 
     from .shards import ShardWriter
 
     output = Path(output)
+    if not 0.0 <= cedict_holdout < 1.0:
+        raise ValueError(f"cedict_holdout must be in [0, 1), got {cedict_holdout}")
     groups: dict[str, Iterator[tuple[str, dict[str, Any]]]] = {}
     if ccpm is not None:
         groups["ccpm"] = ((f"ccpm_{r.pop('kind')}", r) for r in ccpm_records(ccpm))
     if fortunes:
         groups["fortunes"] = ((f"fortunes_{r.pop('kind')}", r) for r in fortune_records(fortunes))
     if cedict is not None:
-        groups["cedict"] = (("cedict", r) for r in cedict_records(cedict))
+        output.mkdir(parents=True, exist_ok=True)
+        heldout_path = output / "cedict_heldout.jsonl"
+
+        def split_cedict() -> Iterator[tuple[str, dict[str, Any]]]:
+            held = 0
+            with open(heldout_path, "w", encoding="utf-8") as heldout:
+                for r in cedict_records(cedict):
+                    if cedict_holdout and is_held_out(r["zh"], cedict_holdout):
+                        heldout.write(json.dumps(r, ensure_ascii=False) + "\n")
+                        held += 1
+                    else:
+                        yield "cedict", r
+            if cedict_holdout:
+                counts["cedict_heldout"] = held
+            else:
+                heldout_path.unlink()
+
+        groups["cedict"] = split_cedict()
     counts: dict[str, int] = {}
     for records in groups.values():
         writers: dict[str, ShardWriter] = {}
