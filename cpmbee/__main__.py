@@ -10,11 +10,17 @@ import click
 
 # name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
+    "build-dataset": "cpmbee.commands.build_dataset:build_dataset",
     "build-vocab": "cpmbee.commands.build_vocab:build_vocab",
     "convert": "cpmbee.commands.convert:convert",
     "data": "cpmbee.commands.data:data",
+    "dataset": "cpmbee.commands.dataset:dataset",
     "finetune": "cpmbee.commands.finetune:finetune",
+    "live": "cpmbee.commands.live:live",
     "merge-lora": "cpmbee.commands.merge_lora:merge_lora",
+    "prepare-corpus": "cpmbee.commands.prepare_corpus:prepare_corpus",
+    "pretrain": "cpmbee.commands.pretrain:pretrain",
+    "report": "cpmbee.commands.report:report",
 }
 
 

@@ -248,3 +248,10 @@ def test_prepare_for_finetune_labels(tiny_tokenizer):
         )
     with pytest.raises(ValueError, match=r"sample 0: .* alone exceed max_length=4"):
         prepare_for_finetune(tiny_tokenizer, {"input": "今天", "<ans>": "天气"}, max_length=4)
+
+
+def test_instance_builder_gives_up_on_records_that_never_fit(tiny_tokenizer):
+    builder = InstanceBuilder(tiny_tokenizer, max_length=8, max_consecutive_skips=20)
+    with pytest.raises(ValueError, match="20 records in a row are longer than max_length=8"):
+        builder.build(lambda: {"input": "abcdefghij", "<ans>": "x"})
+    assert builder.skipped_too_long == 20

@@ -46,6 +46,8 @@ class InstanceBuilder:
         max_depth: segment-relation depth cap.
         rng: numpy ``RandomState`` for the in-context count, template choice and answer shuffles.
         py_rng: Python RNG that seeds function transforms (one seed per instance, shared by its samples).
+        max_consecutive_skips: give up (``ValueError``) after this many too-long records in a row, instead
+            of reading forever from a dataset whose records never fit.
     """
 
     tokenizer: Any
@@ -54,6 +56,7 @@ class InstanceBuilder:
     rng: np.random.RandomState = field(default_factory=np.random.RandomState)
     py_rng: random.Random = field(default_factory=random.Random)
     skipped_too_long: int = 0
+    max_consecutive_skips: int = 10_000
 
     def _encode(self, record: Any, state: Any = None) -> EncodedSample:
         return encode_sample(
@@ -95,12 +98,18 @@ class InstanceBuilder:
             def transform(record: Any) -> Any:
                 return apply_transform(record, template)
 
+        skips = 0
         while True:
             record = transform(read())
             main = self._encode(record)
             if len(main) <= self.max_length:
                 break
             self.skipped_too_long += 1
+            skips += 1
+            if skips >= self.max_consecutive_skips:
+                raise ValueError(
+                    f"{skips} records in a row are longer than max_length={self.max_length} tokens"
+                )
         raw: dict[str, Any] = {"input": record, "samples": []}
 
         extra: list[EncodedSample] = []

@@ -82,22 +82,21 @@ def iter_corpus_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
 
 
 def _learn_english_pieces(words: Counter[str], budget: int) -> list[str]:
-    """BPE pieces over (leading-space) English words, in the trainer's order (most useful first)."""
+    """BPE pieces over (leading-space) English words with their true counts, most useful first."""
     if budget <= 0 or not words:
         return []
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_next")
+    # Each word arrives as one newline-separated run of its repetitions; " of" stays " of".
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", behavior="removed"), pre_tokenizers.Split(" ", behavior="merged_with_next")]
+    )
     alphabet = sorted({c for w in words for c in w})
     trainer = trainers.BpeTrainer(
         vocab_size=len(alphabet) + budget, initial_alphabet=alphabet, show_progress=False, special_tokens=[]
     )
-    tok.train_from_iterator(
-        (w for w, n in words.items() for _ in range(min(n, 64))),
-        trainer=trainer,
-        length=sum(min(n, 64) for n in words.values()),
-    )
+    tok.train_from_iterator(("\n".join([w] * n) for w, n in words.items()), trainer=trainer, length=len(words))
     vocab = tok.get_vocab()
     return [piece for piece, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if len(piece) > 1][:budget]
 

@@ -28,6 +28,7 @@ __all__ = [
     "MetricsSink",
     "RecordTailer",
     "TensorBoardSink",
+    "decode_line",
     "from_json_value",
     "read_records",
 ]
@@ -45,6 +46,15 @@ def _to_json_value(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
         return _to_json_value(value.item())
     return value
+
+
+def decode_line(line: str | bytes) -> Any:
+    """One JSONL line; the non-finite encoding is undone only where the line can contain it (fast path)."""
+    record = json.loads(line)
+    marks = ('"NaN"', 'Infinity"') if isinstance(line, str) else (b'"NaN"', b'Infinity"')
+    if marks[0] in line or marks[1] in line:
+        record = from_json_value(record)
+    return record
 
 
 def from_json_value(value: Any) -> Any:
@@ -182,7 +192,7 @@ class MetricsLogger:
     def __init__(self, sinks: list[MetricsSink] | None = None, *, enabled: bool = True) -> None:
         self.sinks = list(sinks or []) if enabled else []
 
-    def log(self, kind: str, step: int | None = None, **values: Any) -> dict[str, Any]:
+    def log(self, kind: str, step: int | None = None, /, **values: Any) -> dict[str, Any]:
         record: dict[str, Any] = {"type": kind, "time": dt.datetime.now(dt.timezone.utc).isoformat()}
         if step is not None:
             record["step"] = int(step)
@@ -216,7 +226,7 @@ def read_records(
                 if not line.endswith("\n"):
                     break  # still being written
                 try:
-                    record = from_json_value(json.loads(line))
+                    record = decode_line(line)
                 except json.JSONDecodeError:
                     continue
                 if kind is None or record.get("type") == kind:
@@ -231,9 +241,14 @@ class RecordTailer:
         self.prefix = prefix
         self.offsets: dict[Path, int] = {}
 
-    def poll(self) -> list[dict[str, Any]]:
+    def poll(self, max_bytes: int | None = None) -> list[dict[str, Any]]:
+        """Records appended since the last call; with ``max_bytes``, stop after about that many bytes (at a
+        line end; call again for the rest), so a long run can be read in bounded memory."""
         out: list[dict[str, Any]] = []
+        budget = max_bytes
         for path in _metric_files(self.directory, self.prefix):
+            if budget is not None and budget <= 0:
+                break
             start = self.offsets.get(path, 0)
             try:
                 size = path.stat().st_size
@@ -243,13 +258,18 @@ class RecordTailer:
                 start = 0
             if size == start:
                 continue
+            length = size - start if budget is None else min(size - start, budget)
             with open(path, "rb") as f:
                 f.seek(start)
-                chunk = f.read(size - start)
+                chunk = f.read(length)
+                if length < size - start and b"\n" not in chunk:
+                    chunk += f.readline()  # a line longer than the budget: read it whole
             end = chunk.rfind(b"\n") + 1  # only complete lines
+            if budget is not None:
+                budget -= max(end, 1)
             for line in chunk[:end].splitlines():
                 try:
-                    out.append(from_json_value(json.loads(line)))
+                    out.append(decode_line(line))
                 except json.JSONDecodeError:
                     continue
             self.offsets[path] = start + end
