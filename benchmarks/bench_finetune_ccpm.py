@@ -6,13 +6,13 @@ No released weights are available offline, so the model is a randomly initialise
 86,583-token vocabulary, 4 layers of width 128 by default): the figures show that the pipeline learns and
 what it costs, not what CPM-Bee reaches on CCPM. Steps:
 
-1. convert the raw CCPM files with `cpmbee data ccpm` (the tutorial's data preparation);
+1. convert the raw CCPM files with `cpmbee finetune-data ccpm` (the tutorial's data preparation);
 2. full fine-tuning, evaluating on the first `--eval-samples` eval samples before, during and after;
 3. throughput: full and LoRA (r 8 on project_q/project_v) for `--throughput-steps` steps each, back to
    back, without evaluation — their ratio is fair even on a shared machine, the long run's speed is not.
 
 Each run is a separate `cpmbee` process; tokens/s is the median over the run's steps (all tokens of the
-batch, context included), memory the process's peak RSS (`mem_gb` in the metrics). `--skip-long` runs
+batch, context included), memory the process's peak RSS (`peak_mem_gb` in the metrics). `--skip-long` runs
 only step 3.
 """
 
@@ -47,7 +47,7 @@ def summarize(run: Path, skip: int = 5) -> dict:
     return {
         "steps": len(train),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[skip:] or train),
-        "peak_mem_gb": max(r["mem_gb"] for r in train),
+        "peak_mem_gb": max(r.get("peak_mem_gb", r["mem_gb"]) for r in train),
         "first_loss": train[0]["loss"],
         "last_loss": statistics.mean(r["loss"] for r in train[-20:]),
         "evals": [
@@ -80,7 +80,7 @@ def main() -> None:
     for split in ("train", "eval"):
         raw = shared / "data" / "ccpm" / f"raw_{split}.jsonl"
         if not (data / f"{split}.jsonl").is_file():
-            cpmbee("data", "ccpm", str(raw), str(data / f"{split}.jsonl"))
+            cpmbee("finetune-data", "ccpm", str(raw), str(data / f"{split}.jsonl"))
     config = CpmBeeConfig.from_preset(
         "tiny",
         hidden_size=args.hidden,

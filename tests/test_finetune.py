@@ -237,6 +237,16 @@ def test_bad_options_and_data_are_reported(job, tmp_path):
         run_finetune(_args(job, tmp_path / "y", train=str(bad)))
 
 
+def test_restart_after_a_crash_is_an_incident(job, tmp_path):
+    out = tmp_path / "crashy"
+    run_finetune(_args(job, out, max_steps=3, stop_after_steps=1, eval_at_start=False, eval_every=5))
+    status = json.loads((out / "status.json").read_text())
+    (out / "status.json").write_text(json.dumps({**status, "state": "crashed"}))  # as a killed job leaves it
+    run_finetune(_args(job, out, max_steps=3, eval_at_start=False, eval_every=5))
+    incidents = _records(out, "incident")
+    assert [i["kind"] for i in incidents] == ["restart"] and incidents[0]["step"] == 1
+
+
 def test_no_resume_refuses_to_mix_runs(job, tmp_path):
     run_finetune(_args(job, tmp_path / "r", max_steps=1, eval_at_start=False))
     with pytest.raises(ValueError, match="already holds a run"):

@@ -55,7 +55,7 @@ def finetune(**options: Any) -> None:
     args = FinetuneArgs(**options)
     try:
         summary = run_finetune(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
     best = summary.get("best")
     if summary["main_process"]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..tokenizer import escape
 
-__all__ = ["QUESTION", "ccpm_to_bee", "convert_ccpm_file", "iter_ccpm_file"]
+__all__ = ["QUESTION", "ccpm_to_bee", "choice_sample", "convert_ccpm_file", "iter_ccpm_file", "parse_ccpm"]
 
 QUESTION = "这段话形容了哪句诗的意境？"
 _PREFIX, _SUFFIX = "[翻译]", "[答案]"
@@ -50,8 +50,9 @@ def _split_packed(text: str) -> tuple[str, list[str]]:
     return paraphrase, options
 
 
-def ccpm_to_bee(record: Mapping[str, Any]) -> dict[str, Any]:
-    """One CCPM record (either shape, see the module docstring) → a CPM-Bee choice sample."""
+def parse_ccpm(record: Mapping[str, Any]) -> tuple[str, list[str], int]:
+    """One CCPM record (either shape, see the module docstring) → (paraphrase, option lines, answer index),
+    texts as they are (not escaped)."""
     if "input" in record and "target" in record:
         paraphrase, options = _split_packed(str(record["input"]))
         target = record["target"]
@@ -69,12 +70,22 @@ def ccpm_to_bee(record: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"target/answer must be an option number, got {target!r}") from None
     if not 0 <= answer < len(options):
         raise ValueError(f"answer {answer} is not one of the {len(options)} options")
+    return paraphrase, [str(o) for o in options], answer
+
+
+def choice_sample(paraphrase: str, options: list[str], answer: int) -> dict[str, Any]:
+    """The CPM-Bee choice sample for a parsed CCPM record (texts escaped)."""
     return {
         "input": escape(paraphrase),
-        "options": {f"<option_{i}>": escape(str(text)) for i, text in enumerate(options)},
+        "options": {f"<option_{i}>": escape(text) for i, text in enumerate(options)},
         "question": QUESTION,
         "<ans>": f"<option_{answer}>",
     }
+
+
+def ccpm_to_bee(record: Mapping[str, Any]) -> dict[str, Any]:
+    """One CCPM record (either shape) → a CPM-Bee choice sample."""
+    return choice_sample(*parse_ccpm(record))
 
 
 def iter_ccpm_file(path: str | os.PathLike) -> Iterator[dict[str, Any]]:

@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
-import json
 import math
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -39,24 +36,17 @@ from .checkpointing import CheckpointManager
 from .evaluate import evaluate
 from .finetune_args import FinetuneArgs
 from .metrics import ConsoleSink, JsonlSink, MetricsLogger, TensorBoardSink
+from .monitor import memory_gb
 from .objective import AnswerObjective
+from .rundir import RunDirectory
 from .schedule import build_scheduler
 
 __all__ = ["FinetuneArgs", "run_finetune"]
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat()
-
-
 def _peak_memory_gb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or this process's peak resident memory on the CPU (GiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
@@ -108,6 +98,7 @@ class _Finetune:
                 " (the engine steps on every backward here)"
             )
         self.out = Path(args.out)
+        self.rundir = RunDirectory(self.out)
         self.stop_requested = False
 
     # ------------------------------------------------------------------ set-up
@@ -289,20 +280,16 @@ class _Finetune:
         return info
 
     def write_status(self, state: str, force: bool = False) -> None:
-        if not self.main or (not force and time.monotonic() - self._status_time < 5.0):
-            return
-        self._status_time = time.monotonic()
-        _write_json(
-            self.out / "status.json",
-            {
-                "state": state,
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "step": self.step,
-                "tokens_seen": self.tokens_seen,
-                "updated": _now(),
-            },
-        )
+        if self.main:
+            self.rundir.write_status(
+                state,
+                self.step,
+                self.tokens_seen,
+                force,
+                world_size=self.accelerator.num_processes,
+                max_steps=self.total_steps,
+                max_tokens=None,
+            )
 
     # ------------------------------------------------------------------ loop pieces
     def _micro_batches(self, first: int) -> list[dict[str, torch.Tensor]]:
@@ -363,7 +350,8 @@ class _Finetune:
             "tokens_per_s": tokens / elapsed,
             "step_time": elapsed,
             "fill": tokens / max(cells, 1.0),
-            "mem_gb": _peak_memory_gb(acc.device),
+            "mem_gb": memory_gb(),  # as pre-training reports it
+            "peak_mem_gb": _peak_memory_gb(acc.device),
             "epoch": self.order.epoch_of(self.micro),
         }
 
@@ -405,18 +393,16 @@ class _Finetune:
             sinks.append(ConsoleSink(self.total_steps, initial=self.step))
         self.logger = MetricsLogger(sinks, enabled=self.main)
         if self.main:
-            _write_json(
-                self.out / "run.json",
+            self.rundir.write_run(
                 {
                     "name": self.out.name,
                     "kind": "finetune",
-                    "created": _now(),
                     "config": dataclasses.asdict(args),
                     "plan": {"total_tokens": None, "total_steps": self.total_steps},
                     "model": self.model_info,
                     "world_size": self.accelerator.num_processes,
                     "data": self.data_stats,
-                },
+                }
             )
         self.logger.log("config", config=dataclasses.asdict(args))
         if info is None:
@@ -452,14 +438,14 @@ class _Finetune:
 
     def run(self) -> dict[str, Any]:
         args = self.args
+        previous = self.rundir.previous_state()  # every process: all refuse a directory in use
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            self.rundir.create()
         self.accelerator.wait_for_everyone()
         self.load()
         self.step = self.micro = self.tokens_seen = 0
         self.best: dict[str, Any] | None = None
         self.bad_evals = 0
-        self._status_time = 0.0
         info = self.restore()
         changed: dict[str, Any] = {}
         if info is not None:
@@ -472,6 +458,13 @@ class _Finetune:
                 if k not in ("resume", "stop_after_steps", "progress") and v != getattr(args, k, v)
             }
         self._open_run(info, changed)
+        if info is not None and previous in ("running", "crashed"):
+            self.logger.log(
+                "incident",
+                self.step,
+                kind="restart",
+                message=f"restart after an unclean exit (last state {previous})",
+            )
         try:  # a SIGTERM (preemption) finishes the step, writes a checkpoint and leaves
             previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
         except ValueError:  # not the main thread

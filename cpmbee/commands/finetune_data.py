@@ -1,16 +1,16 @@
-"""``cpmbee data``: data preparation helpers (``cpmbee data ccpm RAW OUT``)."""
+"""``cpmbee finetune-data``: fine-tuning data preparation (``cpmbee finetune-data ccpm RAW OUT``)."""
 
 from __future__ import annotations
 
 import click
 
 
-@click.group()
-def data() -> None:
-    """Prepare fine-tuning data in the CPM-Bee format."""
+@click.group(name="finetune-data")
+def finetune_data() -> None:
+    """Prepare fine-tuning data (JSONL in the CPM-Bee format) from other formats."""
 
 
-@data.command()
+@finetune_data.command()
 @click.argument("src", type=click.Path(exists=True, dir_okay=False))
 @click.argument("dst", type=click.Path(dir_okay=False))
 def ccpm(src: str, dst: str) -> None:
