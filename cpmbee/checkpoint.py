@@ -107,7 +107,8 @@ def to_model_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         if ".lora." in key:
             raise ValueError(
-                f"{key!r} is a LoRA delta: load the base checkpoint first, then the delta with the LoRA tools"
+                f"{key!r} is a LoRA delta: load the base checkpoint first, then the delta with"
+                " cpmbee.lora.load_adapter (or merge it: cpmbee merge-lora BASE DELTA OUT)"
             )
         out[key if key.startswith(PREFIX) else PREFIX + key] = value
     return out

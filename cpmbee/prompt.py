@@ -732,41 +732,13 @@ def make_training_batch(
 
 
 def prepare_for_finetune(
-    tokenizer: CpmBeeTokenizer,
-    data: CpmBeeInput | Sequence[CpmBeeInput],
-    max_length: int = 2048,
-    *,
-    shuffle_answer: bool = False,
-    rng: np.random.RandomState | None = None,
-    max_depth: int = DEFAULT_MAX_DEPTH,
-    return_tensors: str | None = "pt",
+    tokenizer: CpmBeeTokenizer, data: Any, max_length: int = 2048, **options: Any
 ) -> Any:
-    """Samples with filled ``<ans>`` → one row each, padded to the longest row, with ``labels``.
+    """Samples with filled ``<ans>`` → one padded row each with ``labels``, for ``model(**batch).loss``.
 
-    The result unpacks into ``CpmBeeForCausalLM.forward``: ``model(**batch).loss``. A sample longer than
-    ``max_length`` tokens raises ``ValueError`` naming it.
+    Built from ``encode_sample`` + ``make_training_batch`` above; the fine-tuning options (truncation
+    policy, ``pad_to_multiple_of``, dict-of-lists input) are documented in ``cpmbee.data.finetune``.
     """
-    samples = [data] if isinstance(data, (str, Mapping)) else list(data)
-    if not samples:
-        raise ValueError("prepare_for_finetune needs at least one sample")
-    rows = []
-    for index, sample in enumerate(samples):
-        try:
-            enc = encode_sample(
-                tokenizer, sample, max_depth=max_depth, shuffle_answer=shuffle_answer, rng=rng
-            )
-        except ValueError as err:
-            raise ValueError(f"sample {index}: {err}") from None
-        if len(enc) > max_length:
-            raise ValueError(f"sample {index}: {len(enc)} tokens, more than max_length={max_length}")
-        rows.append([join_samples(enc, raw=sample)])
-    batch = make_training_batch(
-        rows, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id
-    )
-    if return_tensors is None:
-        return batch
-    if return_tensors != "pt":
-        raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
-    from transformers import BatchEncoding
+    from .data.finetune import prepare_for_finetune as prepare  # the data layer builds on this module
 
-    return BatchEncoding(batch.model_inputs())
+    return prepare(tokenizer, data, max_length, **options)

@@ -193,7 +193,7 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
     * ``encode(text, past_table=None) -> EncodedText(ids, ext_table)`` — ids with the ext table;
     * ``decode(ids, ext_table=None)`` — the inverse (special tokens verbatim, other ``<`` escaped as ``<<``);
     * ``pieces(text)`` — the split itself;
-    * ``prepare_for_finetune(data, max_length)`` — structured samples to a training batch (``cpmbee.prompt``).
+    * ``prepare_for_finetune(data, max_length)`` — structured samples to a training batch (``cpmbee.data.finetune``).
 
     The ``transformers`` entry points (``tokenizer("text")``, ``tokenize``, ``convert_tokens_to_ids``) see
     plain token strings; there an unknown run maps to ``<unk>``, as no ext table travels with them.
@@ -409,8 +409,12 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         return encoding
 
     def prepare_for_finetune(self, data: Any, max_length: int = 2048, **kwargs: Any) -> Any:
-        """Structured samples with filled ``<ans>`` → a padded training batch; see ``cpmbee.prompt``."""
-        from .prompt import prepare_for_finetune  # the prompt layer builds on this module
+        """Structured samples with filled ``<ans>`` → a padded training batch with ``labels``.
+
+        ``data``: a dict, a list of dicts or a dict of lists; options (``truncation``,
+        ``pad_to_multiple_of``, ``shuffle_answer``) and the truncation policy: ``cpmbee.data.finetune``.
+        """
+        from .data.finetune import prepare_for_finetune  # the data layer builds on this module
 
         return prepare_for_finetune(self, data, max_length=max_length, **kwargs)
 

@@ -243,6 +243,10 @@ def test_prepare_for_finetune_labels(tiny_tokenizer):
     ]
     assert (labels[0, :ans_start] == -100).all()
     with pytest.raises(ValueError, match=r"sample 0: .* more than max_length=4"):
+        prepare_for_finetune(
+            tiny_tokenizer, {"input": "今天", "<ans>": "天气"}, max_length=4, truncation=False
+        )
+    with pytest.raises(ValueError, match=r"sample 0: .* alone exceed max_length=4"):
         prepare_for_finetune(tiny_tokenizer, {"input": "今天", "<ans>": "天气"}, max_length=4)
 
 

@@ -24,11 +24,7 @@ from typing import Any
 
 __all__ = ["ccpm_records", "cedict_records", "fortune_records", "prepare_corpus"]
 
-CCPM_QUESTION = "这段话形容了哪句诗的意境？"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_CCPM = re.compile(
-    r"^\[翻译\](?P<text>.*?)\[0\](?P<o0>.*?)\[1\](?P<o1>.*?)\[2\](?P<o2>.*?)\[3\](?P<o3>.*?)\[答案\]$"
-)
 
 
 def _escape(text: str) -> str:
@@ -37,26 +33,21 @@ def _escape(text: str) -> str:
 
 def ccpm_records(path: str | Path) -> Iterator[dict[str, Any]]:
     """CCPM raw lines (``{"target": "3", "input": "[翻译]…[0]…[3]…[答案]"}``) → records tagged by ``kind``:
-    ``choice`` (CPM-Bee multiple choice with ``<option_N>``), ``text`` (paraphrase, poem line)."""
+    ``choice`` (CPM-Bee multiple choice with ``<option_N>``, as ``cpmbee.data.ccpm`` converts it for
+    fine-tuning), ``text`` (paraphrase, poem line)."""
+    from .ccpm import choice_sample, parse_ccpm
+
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            raw = json.loads(line)
-            m = _CCPM.match(raw["input"])
-            if m is None:
-                raise ValueError(f"{path}:{n}: not a CCPM line: {raw['input'][:60]!r}")
-            options = [_escape(m[f"o{i}"]) for i in range(4)]
-            target = int(raw["target"])
-            yield {
-                "kind": "choice",
-                "input": _escape(m["text"]),
-                "options": {f"<option_{i}>": o for i, o in enumerate(options)},
-                "question": CCPM_QUESTION,
-                "<ans>": f"<option_{target}>",
-            }
-            yield {"kind": "text", "text": m["text"]}
-            yield {"kind": "text", "text": m[f"o{target}"]}
+            try:
+                paraphrase, options, target = parse_ccpm(json.loads(line))
+            except ValueError as err:
+                raise ValueError(f"{path}:{n}: not a CCPM line: {err}") from None
+            yield {"kind": "choice", **choice_sample(paraphrase, options, target)}
+            yield {"kind": "text", "text": paraphrase}
+            yield {"kind": "text", "text": options[target]}
 
 
 def _fortune_files(source: Path) -> Iterator[tuple[str, str]]:

@@ -90,13 +90,18 @@ def _learn_english_pieces(words: Counter[str], budget: int) -> list[str]:
     tok = Tokenizer(models.BPE(unk_token=None))
     # Each word arrives as one newline-separated run of its repetitions; " of" stays " of".
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split("\n", behavior="removed"), pre_tokenizers.Split(" ", behavior="merged_with_next")]
+        [
+            pre_tokenizers.Split("\n", behavior="removed"),
+            pre_tokenizers.Split(" ", behavior="merged_with_next"),
+        ]
     )
     alphabet = sorted({c for w in words for c in w})
     trainer = trainers.BpeTrainer(
         vocab_size=len(alphabet) + budget, initial_alphabet=alphabet, show_progress=False, special_tokens=[]
     )
-    tok.train_from_iterator(("\n".join([w] * n) for w, n in words.items()), trainer=trainer, length=len(words))
+    tok.train_from_iterator(
+        ("\n".join([w] * n) for w, n in words.items()), trainer=trainer, length=len(words)
+    )
     vocab = tok.get_vocab()
     return [piece for piece, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if len(piece) > 1][:budget]
 

@@ -1,0 +1,124 @@
+"""The fine-tuning objective: cross-entropy on the answer tokens, projecting only where there are labels.
+
+``CpmBeeForCausalLM(**batch).loss`` computes logits over the whole vocabulary (86,583 columns) at every
+position, although fine-tuning labels only the answer tokens (2 of ~60 tokens in CCPM). ``AnswerObjective``
+runs the transformer, gathers the hidden states at labelled positions and projects only those: the same
+loss (tested) for a fraction of the projection's time and memory.
+
+It is an ``nn.Module`` wrapping the (plain or PEFT) model, so ``accelerator.prepare`` can wrap *it* in
+DDP/FSDP and every forward goes through the wrapper. It returns *sums* (loss, tokens), so the trainer can
+normalize by the token count of the whole optimizer step across processes and accumulation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["AnswerObjective", "allowed_columns"]
+
+BATCH_KEYS = (
+    "input_ids",
+    "input_id_sub",
+    "length",
+    "context",
+    "sample_ids",
+    "num_segments",
+    "segment",
+    "segment_rel_offset",
+    "segment_rel",
+    "span",
+    "ext_table_ids",
+    "ext_table_sub",
+    "labels",
+)
+
+
+def allowed_columns(batch: dict[str, torch.Tensor], vocab_size: int, unk_id: int) -> torch.Tensor:
+    """``(B, V + E)`` bool: the output columns greedy decoding may pick for each row.
+
+    As CPM-Bee generation does: every vocabulary id except ``<unk>`` (allowed only when the row's context
+    has unknown text), plus the ext columns whose ``(id, sub)`` token occurs in the row's context.
+    """
+    ids, subs = batch["input_ids"], batch["input_id_sub"]
+    b, length = ids.shape
+    valid = torch.arange(length, device=ids.device)[None, :] < batch["length"][:, None]
+    given = batch["context"].bool() & valid  # (B, L)
+    ext_ids, ext_subs = batch["ext_table_ids"], batch["ext_table_sub"]
+    present = (
+        (ids[:, :, None] == ext_ids[None, None, :])
+        & (subs[:, :, None] == ext_subs[None, None, :])
+        & given[..., None]
+    ).any(dim=1)  # (B, E)
+    vocab = torch.ones(b, vocab_size, dtype=torch.bool, device=ids.device)
+    vocab[:, unk_id] = ((ids == unk_id) & given).any(dim=1)
+    return torch.cat([vocab, present], dim=1)
+
+
+class AnswerObjective(nn.Module):
+    """``forward(**batch)`` → ``{"loss_sum", "tokens"}`` (and per-row statistics with ``row_stats=True``).
+
+    Args:
+        model: a ``CpmBeeForCausalLM`` or a ``peft.PeftModel`` around one.
+        unk_id: the tokenizer's ``<unk>`` id (for ``row_exact``).
+    """
+
+    def __init__(self, model: nn.Module, unk_id: int = 1) -> None:
+        super().__init__()
+        self.model = model
+        self.unk_id = unk_id
+
+    @property
+    def lm(self) -> nn.Module:
+        """The ``CpmBeeForCausalLM`` inside (adapters, if any, stay injected in its layers)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward(self, row_stats: bool = False, **batch: torch.Tensor) -> dict[str, Any]:
+        """Sums over the batch's labelled positions.
+
+        Returns ``loss_sum`` (scalar, differentiable), ``tokens`` (labelled positions), and with
+        ``row_stats``: ``row_loss`` ``(B,)`` summed cross-entropy per row, ``row_tokens`` ``(B,)``,
+        ``row_exact`` ``(B,)`` bool — every answer token is the greedy choice (``allowed_columns``), i.e.
+        greedy decoding would reproduce the answer.
+        """
+        unknown = set(batch) - set(BATCH_KEYS)
+        if unknown:
+            raise ValueError(f"unexpected batch keys {sorted(unknown)}")
+        lm = self.lm
+        labels = batch["labels"]
+        hidden = lm.cpmbee(
+            batch["input_ids"],
+            input_id_sub=batch["input_id_sub"],
+            context=batch["context"],
+            sample_ids=batch["sample_ids"],
+            num_segments=batch["num_segments"],
+            segment=batch["segment"],
+            segment_rel_offset=batch["segment_rel_offset"],
+            segment_rel=batch["segment_rel"],
+            span=batch["span"],
+            length=batch["length"],
+        ).last_hidden_state  # (B, L, D)
+        mask = labels != -100  # (B, L)
+        picked = hidden[mask]  # (N, D)
+        logits = lm.cpmbee.input_embedding(
+            batch["ext_table_ids"], batch["ext_table_sub"], hidden_states=picked[None]
+        )[0].float()  # (N, V + E)
+        target = labels[mask].long().to(logits.device)
+        ce = F.cross_entropy(logits, target, reduction="none")  # (N,)
+        out: dict[str, Any] = {"loss_sum": ce.sum(), "tokens": int(target.numel())}
+        if row_stats:
+            rows = mask.nonzero()[:, 0].to(logits.device)  # row of each labelled position
+            b = labels.shape[0]
+            zeros = torch.zeros(b, dtype=torch.float32, device=logits.device)
+            out["row_loss"] = zeros.index_add(0, rows, ce.detach())
+            out["row_tokens"] = zeros.index_add(0, rows, torch.ones_like(ce))
+            allowed = allowed_columns(
+                {k: v.to(logits.device) for k, v in batch.items()}, lm.config.vocab_size, self.unk_id
+            )
+            scores = logits.detach().masked_fill(~allowed[rows], float("-inf"))
+            wrong = (scores.argmax(dim=-1) != target).float()
+            out["row_exact"] = (zeros.index_add(0, rows, wrong) == 0) & (out["row_tokens"] > 0)
+        return out
