@@ -344,6 +344,7 @@ def test_nonfinite_step_is_skipped_and_reported(setup, tmp_path, monkeypatch):
 
     import torch.nn.functional as F
 
+    import cpmbee.train.objective as objective
     import cpmbee.train.pretrain as pretrain
 
     calls = {"n": 0}
@@ -353,7 +354,7 @@ def test_nonfinite_step_is_skipped_and_reported(setup, tmp_path, monkeypatch):
         out = F.cross_entropy(*args, **kwargs)
         return out * float("nan") if calls["n"] in (3, 4) else out  # both micro-batches of step 2
 
-    monkeypatch.setattr(pretrain, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+    monkeypatch.setattr(objective, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
     cfg = setup("nan.yaml", run_dir="nan", train={"max_steps": 3}, logging={"inspect_every": None})
     assert pretrain.run_pretrain(load_pretrain_config(cfg))["state"] == "finished"
     train = list(read_records(tmp_path / "nan" / "metrics", kind="train"))

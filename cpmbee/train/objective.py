@@ -1,9 +1,9 @@
-"""The fine-tuning objective: cross-entropy on the answer tokens, projecting only where there are labels.
+"""The training objective: cross-entropy on the answer tokens, projecting only where there are labels.
 
 ``CpmBeeForCausalLM(**batch).loss`` computes logits over the whole vocabulary (86,583 columns) at every
 position, although fine-tuning labels only the answer tokens (2 of ~60 tokens in CCPM). ``AnswerObjective``
 runs the transformer, gathers the hidden states at labelled positions and projects only those: the same
-loss (tested) for a fraction of the projection's time and memory.
+loss (tested) for a fraction of the projection's time and memory. Fine-tuning and pre-training both use it.
 
 It is an ``nn.Module`` wrapping the (plain or PEFT) model, so ``accelerator.prepare`` can wrap *it* in
 DDP/FSDP and every forward goes through the wrapper. It returns *sums* (loss, tokens), so the trainer can
@@ -76,10 +76,14 @@ class AnswerObjective(nn.Module):
         """The ``CpmBeeForCausalLM`` inside (adapters, if any, stay injected in its layers)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def forward(self, row_stats: bool = False, **batch: torch.Tensor) -> dict[str, Any]:
+    def forward(
+        self, row_stats: bool = False, token_stats: bool = False, **batch: torch.Tensor
+    ) -> dict[str, Any]:
         """Sums over the batch's labelled positions.
 
-        Returns ``loss_sum`` (scalar, differentiable), ``tokens`` (labelled positions), and with
+        Returns ``loss_sum`` (scalar, differentiable), ``tokens`` (labelled positions); with ``token_stats``:
+        ``token_loss`` ``(N,)`` the detached cross-entropy of each labelled position and ``label_mask``
+        ``(B, L)`` where they are (row-major order); with
         ``row_stats``: ``row_loss`` ``(B,)`` summed cross-entropy per row, ``row_tokens`` ``(B,)``,
         ``row_exact`` ``(B,)`` bool — every answer token is the greedy choice (``allowed_columns``), i.e.
         greedy decoding would reproduce the answer.
@@ -109,6 +113,9 @@ class AnswerObjective(nn.Module):
         target = labels[mask].long().to(logits.device)
         ce = F.cross_entropy(logits, target, reduction="none")  # (N,)
         out: dict[str, Any] = {"loss_sum": ce.sum(), "tokens": int(target.numel())}
+        if token_stats:
+            out["token_loss"] = ce.detach()
+            out["label_mask"] = mask
         if row_stats:
             rows = mask.nonzero()[:, 0].to(logits.device)  # row of each labelled position
             b = labels.shape[0]

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .checkpointing import CheckpointManager
 from .metrics import ConsoleSink, JsonlSink, MetricsLogger, TensorBoardSink
@@ -167,8 +166,13 @@ class _Run:
             self.resumed_from = str(path)
             self.saved_step = self.step
 
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.raw_model = self.acc.unwrap_model(self.model)
+        from .objective import AnswerObjective
+
+        # the objective wraps the model so DDP/FSDP see one module; logits only where there are labels
+        self.model, self.optimizer = self.acc.prepare(
+            AnswerObjective(model, unk_id=self.tokenizer.unk_id), optimizer
+        )
+        self.raw_model = self.acc.unwrap_model(self.model).model
 
         from ..data.pipeline import DataPipeline
 
@@ -297,26 +301,23 @@ class _Run:
         task_sums: dict[str, list[float]] = {}
         for i, pb in enumerate(micro):
             inputs = pb.batch.model_inputs(acc.device)
-            labels = inputs.pop("labels").long()
+            labels = inputs.pop("labels")
             sync = (
                 contextlib.nullcontext()
                 if i == len(micro) - 1 or self.world == 1
                 else acc.no_sync(self.model)
             )
             with sync:
-                logits = self.model(**inputs).logits
-                per_token = F.cross_entropy(
-                    logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
-                )
-                loss = per_token.sum() * (self.world / max(targets, 1.0))
-                acc.backward(loss)
+                out = self.model(token_stats=True, labels=labels, **inputs)
+                acc.backward(out["loss_sum"] * (self.world / max(targets, 1.0)))
             with torch.no_grad():
-                per_token = per_token.detach().double()
+                per_token = out["token_loss"].double()  # (N,), labelled positions in row-major order
                 loss_sum += per_token.sum()
-                task_ids = torch.from_numpy(pb.batch.task_ids).to(acc.device).flatten()
-                mask = labels.flatten() != -100
+                task_ids = torch.from_numpy(pb.batch.task_ids).to(per_token.device)[
+                    out["label_mask"].to(per_token.device)
+                ]
                 for t, name in enumerate(pb.batch.task_names):
-                    sel = mask & (task_ids == t)
+                    sel = task_ids == t
                     n = int(sel.sum())
                     if n:
                         entry = task_sums.setdefault(name, [0.0, 0])
@@ -454,7 +455,8 @@ class _Run:
             parts = gather_object([part])
         else:
             parts = [part]
-        state_dict = self.acc.get_state_dict(self.model)
+        state_dict = self.acc.get_state_dict(self.model)  # keys of the objective: "model." + the LM's
+        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
         self.saved_step = self.step  # on every rank: the final-checkpoint decision must agree
         if self.main:
             data_state = gather_state(parts, self.world, self.data.per_rank)
