@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "prepare-corpus": "cpmbee.commands.prepare_corpus:prepare_corpus",
     "pretrain": "cpmbee.commands.pretrain:pretrain",
     "report": "cpmbee.commands.report:report",
+    "serve": "cpmbee.commands.serve:serve",
 }
 
 

@@ -1,0 +1,186 @@
+"""``cpmbee serve``: an HTTP server for a CPM-Bee model (native and OpenAI-compatible endpoints)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True),
+    default=None,
+    help="Model directory or checkpoint file. Default: the embedded demo model.",
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default)."
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option(
+    "--api-key",
+    envvar="CPMBEE_API_KEY",
+    default=None,
+    help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics (env CPMBEE_API_KEY).",
+)
+@click.option(
+    "--model-name", default=None, help="Name reported to OpenAI clients. Default: the model directory's name."
+)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... Default: CUDA when available.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default=None,
+    help="Compute dtype. Default: fp32 on the CPU, the checkpoint's elsewhere.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8", "nf4"]),
+    default=None,
+    help="Weight-only quantization with bitsandbytes.",
+)
+@click.option(
+    "--memory-limit",
+    default=None,
+    help="Fit the model in this memory, e.g. '4GiB' or 'cuda:0=4GiB,cpu=8GiB'; the rest goes to disk.",
+)
+@click.option(
+    "--offload-folder",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where --memory-limit puts layers that fit nowhere. Default: a temporary directory.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Requests that may wait; more get 429.",
+)
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Inputs generated together in one batch.",
+)
+@click.option(
+    "--batch-wait-ms",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="How long the worker waits for company before starting a batch.",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(min=0.1),
+    default=120.0,
+    show_default=True,
+    help="Seconds before a request gets 504 and its generation stops.",
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Largest max_new_tokens / max_tokens a request may ask for.",
+)
+@click.option(
+    "--max-input-tokens",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Longest prompt (tokens) accepted.",
+)
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1024),
+    default=1 << 20,
+    show_default=True,
+    help="Largest request body; larger ones get 413.",
+)
+@click.option(
+    "--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info"
+)
+def serve(
+    model_path: str | None,
+    host: str,
+    port: int,
+    api_key: str | None,
+    model_name: str | None,
+    device: str | None,
+    dtype: str | None,
+    quantize: str | None,
+    memory_limit: str | None,
+    offload_folder: str | None,
+    max_queue: int,
+    max_batch_size: int,
+    batch_wait_ms: float,
+    request_timeout: float,
+    max_new_tokens: int,
+    max_input_tokens: int,
+    max_body_bytes: int,
+    log_level: str,
+) -> None:
+    """Serve a CPM-Bee model over HTTP with dynamic batching.
+
+    \b
+    Endpoints: POST /v1/generate (CPM-Bee inputs), POST /v1/completions and /v1/chat/completions
+    (OpenAI-compatible, streaming with "stream": true), GET /v1/models, /health, /metrics, /docs.
+
+    \b
+    Examples:
+        cpmbee serve                                  # the embedded demo model on 127.0.0.1:8000
+        cpmbee serve --model models/cpm-bee-1b --quantize int8 --api-key secret
+        cpmbee serve --model models/cpm-bee-10b --memory-limit cuda:0=6GiB,cpu=24GiB
+        curl -s localhost:8000/v1/generate -d '{"input": {"input": "今天天气不错", "<ans>": ""}}'
+    """
+    try:
+        from ..serve import Limits, create_app, load_engine, run_server
+        from ..serve.server import LOOPBACK_HOSTS
+    except ImportError as err:
+        raise click.ClickException(str(err)) from err
+    if host not in LOOPBACK_HOSTS and not api_key:
+        click.echo(
+            f"cpmbee serve: warning: listening on {host} without --api-key: anyone who can reach it "
+            "can use the model",
+            err=True,
+        )
+    try:
+        engine, info = load_engine(
+            model_path,
+            device=device,
+            dtype=dtype,
+            quantize=quantize,
+            memory_limit=memory_limit,
+            offload_folder=offload_folder,
+            max_queue=max_queue,
+            max_batch_rows=max_batch_size,
+            batch_wait_s=batch_wait_ms / 1000,
+        )
+    except (OSError, ValueError, ImportError) as err:
+        raise click.ClickException(str(err)) from err
+    if model_name is None:
+        from pathlib import Path
+
+        model_name = Path(model_path).resolve().name if model_path else "cpmbee-demo"
+    limits = Limits(
+        max_body_bytes=max_body_bytes,
+        max_new_tokens=max_new_tokens,
+        max_input_tokens=max_input_tokens,
+        max_rows=max_batch_size,
+    )
+    app = create_app(
+        engine,
+        model_name=model_name,
+        api_key=api_key,
+        limits=limits,
+        request_timeout_s=request_timeout,
+        model_info=info,
+    )
+    click.echo(
+        f"cpmbee serve: {model_name} ({info['parameters']:,} parameters, {info['dtype']}, "
+        f"{info['placement']}) on http://{host}:{port}/  (docs at /docs; Ctrl-C to stop)",
+        err=True,
+    )
+    run_server(app, host=host, port=port, log_level=log_level)

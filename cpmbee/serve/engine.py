@@ -1,0 +1,303 @@
+"""Dynamic batching: one worker thread owns the model and runs queued requests in batches.
+
+Requests (``Job``) wait in a bounded FIFO queue. The worker takes the oldest job, waits ``batch_wait_s`` for
+company, then also takes every queued job whose options are identical (up to ``max_batch_rows`` inputs in
+all) and answers them with one ``stream_generate`` call (``beam_size`` 1) or one ``generate`` call (beam
+search) over the concatenated inputs, so they share every forward pass. Jobs with other options keep their
+place in the queue. Seeded sampling is never batched: a seed reproduces a result only when the batch is the
+same.
+
+Each job is cancelled through ``should_stop``, checked by generation before every step: when its client
+disconnects (``Job.cancel``), or when its deadline passes. A full queue refuses new jobs (``QueueFull``).
+
+Results travel back to the asyncio side through ``loop.call_soon_threadsafe`` into a per-job
+``asyncio.Queue``: for streaming jobs text increments (``TextDelta``) and finished inputs (``RowDone``), then
+for every job one ``JobDone`` or ``JobFailed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..generation import GenerationOptions, generate, stream_generate
+from .metrics import ServeMetrics
+
+__all__ = ["Engine", "Job", "JobDone", "JobFailed", "QueueFull", "RowDone", "TextDelta"]
+
+log = logging.getLogger("cpmbee.serve")
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` jobs; ``retry_after`` is a hint in seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the request queue is full; retry in about {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class TextDelta:
+    """New text of answer ``answer`` (1-based) of input ``index`` of a job."""
+
+    index: int
+    answer: int
+    path: tuple[str, ...]
+    text: str
+
+
+@dataclass
+class RowDone:
+    """Input ``index`` of a streaming job is finished: ``result`` is its filled copy."""
+
+    index: int
+    result: Any
+
+
+@dataclass
+class JobDone:
+    """The filled inputs, in the job's order; ``stopped`` tells the job was cut short (timeout/cancel)."""
+
+    results: list[Any]
+    stopped: bool
+
+
+@dataclass
+class JobFailed:
+    error: BaseException
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's inputs and options, and the channel its results come back on."""
+
+    rows: list[Any]
+    options: GenerationOptions
+    stream: bool
+    deadline: float
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[TextDelta | RowDone | JobDone | JobFailed] = field(default_factory=asyncio.Queue)
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    id: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def batch_key(self) -> str:
+        """Jobs with equal keys may share a batch."""
+        opts = self.options
+        if opts.do_sample and opts.seed is not None:
+            return f"seeded#{self.id}"
+        return opts.model_dump_json()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def should_stop(self) -> bool:
+        return self.cancelled.is_set() or time.monotonic() > self.deadline
+
+    def push(self, item: TextDelta | RowDone | JobDone | JobFailed) -> None:
+        # a closed event loop (server shutting down) means nobody is listening
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class Engine:
+    """The batching worker around one model; thread-safe ``submit``, ``start``/``stop`` from the app."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        max_queue: int = 64,
+        max_batch_rows: int = 16,
+        batch_wait_s: float = 0.005,
+        metrics: ServeMetrics | None = None,
+    ) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        if max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be at least 1, got {max_batch_rows}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_queue, self.max_batch_rows, self.batch_wait_s = max_queue, max_batch_rows, batch_wait_s
+        self.metrics = metrics or ServeMetrics()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._running: list[Job] = []
+        self._batch_seconds = 1.0  # moving average, for Retry-After
+        self._hook = model.register_forward_pre_hook(self._count_forward, with_kwargs=True)
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="cpmbee-serve-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel everything, fail the queued jobs and join the worker."""
+        with self._cond:
+            self._stopping = True
+            pending = list(self._queue)
+            self._queue.clear()
+            for job in self._running:
+                job.cancel()
+            self._cond.notify_all()
+        for job in pending:
+            job.push(JobFailed(RuntimeError("the server is shutting down")))
+        self.metrics.queue_depth.set(0)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._hook.remove()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # ------------------------------------------------------------------------------------------ submit
+    def submit(self, job: Job) -> Job:
+        """Queue ``job``; ``QueueFull`` when ``max_queue`` jobs already wait, RuntimeError when stopped."""
+        with self._cond:
+            if not self.alive:
+                raise RuntimeError("the generation worker is not running")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(self.retry_after())
+            self._queue.append(job)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify()
+        return job
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has probably moved on by one batch."""
+        return max(1, math.ceil(self._batch_seconds))
+
+    # ------------------------------------------------------------------------------------------ worker
+    def _take_batch(self) -> list[Job] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            first = self._queue[0]
+        if self.batch_wait_s > 0 and len(first.rows) < self.max_batch_rows:
+            time.sleep(self.batch_wait_s)  # let requests sent together arrive together
+        with self._cond:
+            key, rows, batch, rest = first.batch_key, 0, [], collections.deque()
+            while self._queue:
+                job = self._queue.popleft()
+                if job.cancelled.is_set():  # its client left while it waited
+                    job.push(JobDone([None] * len(job.rows), stopped=True))
+                elif job is first or (job.batch_key == key and rows + len(job.rows) <= self.max_batch_rows):
+                    batch.append(job)
+                    rows += len(job.rows)
+                else:
+                    rest.append(job)
+            self._queue = rest
+            self._running = batch
+            self.metrics.queue_depth.set(len(rest))
+            self.metrics.running.set(len(batch))
+        return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            started = time.monotonic()
+            for job in batch:
+                self.metrics.queue_wait.observe(started - job.submitted)
+            try:
+                self._run_batch(batch)
+            except Exception as err:  # keep the worker alive; the batch's requests get the error
+                log.exception("generation failed for a batch of %d request(s)", len(batch))
+                for job in batch:
+                    job.push(JobFailed(err))
+            finally:
+                elapsed = time.monotonic() - started
+                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+                self.metrics.batch_seconds.observe(elapsed)
+                with self._cond:
+                    self._running = []
+                    self.metrics.running.set(0)
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        rows: list[Any] = []
+        owner: list[tuple[Job, int]] = []
+        for job in batch:
+            for i, row in enumerate(job.rows):
+                rows.append(row)
+                owner.append((job, i))
+        self.metrics.batch_rows.observe(len(rows))
+        self.metrics.batch_requests.observe(len(batch))
+        options = batch[0].options
+
+        def should_stop(index: int) -> bool:
+            return owner[index][0].should_stop()
+
+        results: dict[int, list[Any]] = {job.id: [None] * len(job.rows) for job in batch}
+        if options.beam_size == 1:
+            remaining = {job.id: len(job.rows) for job in batch}
+            first_text: set[int] = set()
+            for event in stream_generate(self.model, self.tokenizer, rows, options, should_stop=should_stop):
+                job, local = owner[event.index]
+                if event.done:
+                    results[job.id][local] = event.result
+                    if job.stream:
+                        job.push(RowDone(local, event.result))
+                    remaining[job.id] -= 1
+                    if remaining[job.id] == 0:
+                        job.push(JobDone(results[job.id], stopped=job.should_stop()))
+                elif job.stream and event.text:
+                    if job.id not in first_text:
+                        first_text.add(job.id)
+                        self.metrics.first_text.observe(time.monotonic() - job.submitted)
+                    job.push(TextDelta(local, event.answer, tuple(event.path), event.text))
+        else:
+            outputs = generate(self.model, self.tokenizer, rows, options, should_stop=should_stop)
+            for (job, local), result in zip(owner, outputs):
+                results[job.id][local] = result
+            for job in batch:
+                if job.stream:
+                    for local, result in enumerate(results[job.id]):
+                        job.push(RowDone(local, result))
+                job.push(JobDone(results[job.id], stopped=job.should_stop()))
+
+    def _count_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Count forward passes and tokens: a pass with an empty cache is a prefill, others decode steps."""
+        self.metrics.forward_passes.inc()
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            return
+        cache = kwargs.get("past_key_values")
+        num_segments = kwargs.get("num_segments")
+        if cache is None or len(cache) == 0:
+            real = num_segments > 0 if num_segments is not None else input_ids >= 0
+            self.metrics.prompt_tokens.inc(int(real.sum()))
+        else:
+            self.metrics.generated_tokens.inc(int(input_ids.shape[0]))

@@ -1,0 +1,93 @@
+"""Loading the model for serving and running the app under uvicorn (what ``cpmbee serve`` calls)."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from typing import Any
+
+import torch
+
+from ..api import load_model_and_tokenizer
+from .engine import Engine
+from .metrics import ServeMetrics
+
+__all__ = ["LOOPBACK_HOSTS", "describe_model", "load_engine", "run_server"]
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+log = logging.getLogger("cpmbee.serve")
+
+
+def describe_model(model: torch.nn.Module) -> dict[str, Any]:
+    """Facts about a loaded model for ``/health``: parameters, dtype, placement and quantization."""
+    params = list(model.parameters())
+    placement: collections.Counter[str] = collections.Counter()
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        placement.update(str(v) for v in device_map.values())
+    else:
+        placement.update(str(p.device) for p in params)
+    embedding = model.get_input_embeddings().weight
+    return {
+        "parameters": sum(p.numel() for p in params),
+        "dtype": str(embedding.dtype).removeprefix("torch."),
+        "device": str(embedding.device),
+        "placement": dict(placement),
+        "quantization": getattr(model.config, "quantization", None),
+    }
+
+
+def load_engine(
+    model_path: str | os.PathLike | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    memory_limit: str | None = None,
+    offload_folder: str | None = None,
+    max_queue: int = 64,
+    max_batch_rows: int = 16,
+    batch_wait_s: float = 0.005,
+) -> tuple[Engine, dict[str, Any]]:
+    """Load a model (``None``: the embedded default model) and wrap it in a batching ``Engine``.
+
+    Args:
+        quantize: ``"int8"`` or ``"nf4"`` (bitsandbytes, weight-only).
+        memory_limit: ``"4GiB"`` or ``"cuda:0=4GiB,cpu=8GiB"``: accelerate places whole transformer blocks on
+            the GPUs, then the CPU, then disk (``offload_folder``, a temporary directory by default).
+    Returns:
+        The engine (not started) and the facts ``/health`` reports.
+    """
+    if quantize is not None and memory_limit is not None:
+        raise ValueError("quantize and memory_limit cannot be combined; pick one way to fit the model")
+    dispatch: dict[str, Any] = {}
+    if memory_limit is not None:
+        from ..offload import parse_memory_limit
+
+        dispatch = {"max_memory": parse_memory_limit(memory_limit), "offload_folder": offload_folder}
+    model, tokenizer = load_model_and_tokenizer(
+        model_path, device=device, dtype=dtype, quantize=quantize, **dispatch
+    )
+    engine = Engine(
+        model,
+        tokenizer,
+        max_queue=max_queue,
+        max_batch_rows=max_batch_rows,
+        batch_wait_s=batch_wait_s,
+        metrics=ServeMetrics(),
+    )
+    info = describe_model(model)
+    if memory_limit is not None:
+        info["memory_limit"] = memory_limit
+    return engine, info
+
+
+def run_server(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve ``app`` with uvicorn until interrupted."""
+    try:
+        import uvicorn
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("the server needs the `serve` extra: pip install 'cpmbee[serve]'") from err
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
