@@ -26,6 +26,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -102,8 +103,13 @@ class Job:
             return f"seeded#{self.id}"
         return opts.model_dump_json()
 
+    discard: Callable[[Job], None] | None = None  # set by Engine.submit: drops the job from the queue
+
     def cancel(self) -> None:
+        """Stop this job: dropped from the queue if it waits, abandoned at the next step if it runs."""
         self.cancelled.set()
+        if self.discard is not None:
+            self.discard(self)
 
     def should_stop(self) -> bool:
         return self.cancelled.is_set() or time.monotonic() > self.deadline
@@ -186,10 +192,17 @@ class Engine:
                 raise RuntimeError("the generation worker is not running")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(self.retry_after())
+            job.discard = self._discard
             self._queue.append(job)
             self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify()
         return job
+
+    def _discard(self, job: Job) -> None:
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+                self.metrics.queue_depth.set(len(self._queue))
 
     def retry_after(self) -> int:
         """Seconds until the queue has probably moved on by one batch."""
