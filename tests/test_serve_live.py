@@ -91,7 +91,6 @@ def _give_up(url: str, body: dict, after_s: float) -> None:
         client.post("/v1/generate", json=body)
 
 
-@pytest.mark.slow
 def test_schema_fuzz_never_answers_5xx(model, tiny_tokenizer):
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings

@@ -22,18 +22,17 @@ log = logging.getLogger("cpmbee.serve")
 def describe_model(model: torch.nn.Module) -> dict[str, Any]:
     """Facts about a loaded model for ``/health``: parameters, dtype, placement and quantization."""
     params = list(model.parameters())
-    placement: collections.Counter[str] = collections.Counter()
     device_map = getattr(model, "hf_device_map", None)
-    if device_map:
-        placement.update(str(v) for v in device_map.values())
+    if device_map:  # dispatched by accelerate: modules per device ("disk" = offloaded)
+        placement: dict[str, Any] = dict(collections.Counter(str(v) for v in device_map.values()))
     else:
-        placement.update(str(p.device) for p in params)
+        placement = {str(p.device): "all" for p in params[:1]}
     embedding = model.get_input_embeddings().weight
     return {
         "parameters": sum(p.numel() for p in params),
         "dtype": str(embedding.dtype).removeprefix("torch."),
         "device": str(embedding.device),
-        "placement": dict(placement),
+        "placement": placement,
         "quantization": getattr(model.config, "quantization", None),
     }
 
