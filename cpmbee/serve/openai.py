@@ -38,6 +38,7 @@ __all__ = [
     "completion_rows",
     "conversation_to_cpmbee",
     "finish_reason",
+    "usage_chunk",
 ]
 
 MAX_STOP = 4
@@ -222,3 +223,9 @@ def chat_chunk(
 ) -> dict[str, Any]:
     choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
     return _envelope("chat.completion.chunk", rid, model, [choice])
+
+
+def usage_chunk(rid: str, model: str, chat: bool, usage: dict[str, int]) -> dict[str, Any]:
+    """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    return {**_envelope(kind, rid, model, []), "usage": usage}
