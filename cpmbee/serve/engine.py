@@ -146,13 +146,15 @@ class Engine:
         self._stopping = False
         self._running: list[Job] = []
         self._batch_seconds = 1.0  # moving average, for Retry-After
-        self._hook = model.register_forward_pre_hook(self._count_forward, with_kwargs=True)
+        self._hook: Any = None  # the forward pre-hook counting passes and tokens, while started
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stopping = False
+        if self._hook is None:
+            self._hook = self.model.register_forward_pre_hook(self._count_forward, with_kwargs=True)
         self._thread = threading.Thread(target=self._work, name="cpmbee-serve-worker", daemon=True)
         self._thread.start()
 
@@ -170,7 +172,9 @@ class Engine:
         self.metrics.queue_depth.set(0)
         if self._thread is not None:
             self._thread.join(timeout)
-        self._hook.remove()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     @property
     def alive(self) -> bool:
