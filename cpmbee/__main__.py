@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "build-vocab": "cpmbee.commands.build_vocab:build_vocab",
     "convert": "cpmbee.commands.convert:convert",
     "dataset": "cpmbee.commands.dataset:dataset",
+    "eval": "cpmbee.commands.eval:eval_command",
     "finetune": "cpmbee.commands.finetune:finetune",
     "finetune-data": "cpmbee.commands.finetune_data:finetune_data",
     "live": "cpmbee.commands.live:live",
