@@ -260,3 +260,40 @@ def test_ccpm_worked_example_runs_at_chance_with_a_random_model(tmp_path):
     entry = run_task(model, tokenizer, task, limit=40, batch_size=16)
     assert entry["kind"] == "choice" and entry["counts"]["candidates"] == 160
     assert entry["metrics"]["chance"] == 0.25 and 0.0 <= entry["metrics"]["accuracy"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------------- converters
+def test_benchmark_converters_on_hand_made_rows(tmp_path):
+    from cpmbee.evaluation.converters import boolq, convert_file, copa, ocnli, tnews
+
+    sample = tnews({"label": "103", "label_desc": "news_sports", "sentence": "C罗<梅西>？", "keywords": ""})
+    assert sample["input"] == "C罗<<梅西>？" and sample["<ans>"] == "<option_3>"
+    assert sample["options"]["<option_3>"] == "体育" and len(sample["options"]) == 15
+    sample = ocnli({"sentence1": "他在北京", "sentence2": "他在中国", "label": "entailment"})
+    assert sample["hypothesis"] == "他在中国" and sample["options"]["<option_0>"] == "蕴含"
+    assert sample["<ans>"] == "<option_0>"
+    sample = boolq(
+        {"passage": "Water boils at 100 C.", "question": "does water boil at 100 c", "answer": True}
+    )
+    assert sample["question"] == "Does water boil at 100 c?" and sample["<ans>"] == "<option_1>"
+    row = {
+        "premise": "The man got wet.",
+        "choice1": "It rained.",
+        "choice2": "It was sunny.",
+        "question": "cause",
+    }
+    sample = copa({**row, "label": 0})
+    assert sample["options"] == {"<option_0>": "It rained.", "<option_1>": "It was sunny."}
+    assert sample["question"] == "What was the cause of this?" and sample["<ans>"] == "<option_0>"
+    assert detect_kind([sample]) == "choice"
+    with pytest.raises(ValueError, match="label '-' is not one of"):
+        ocnli({"sentence1": "a", "sentence2": "b", "label": "-"})
+    with pytest.raises(ValueError, match="no 'premise' field"):
+        copa({"question": "effect", "label": 0})
+
+    src = _write_jsonl(tmp_path / "copa.jsonl", [{**row, "label": 1}, {**row, "label": 5}])
+    with pytest.raises(ValueError, match=r"copa\.jsonl:2: answer 5 is not one of the 2 options"):
+        convert_file("copa", src, tmp_path / "out.jsonl")
+    src = _write_jsonl(tmp_path / "copa.jsonl", [{**row, "label": 1}])
+    assert convert_file("copa", src, tmp_path / "out.jsonl") == 1
+    assert load_task(tmp_path / "out.jsonl")[0]["<ans>"] == "<option_1>"
