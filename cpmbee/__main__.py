@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "eval": "cpmbee.commands.eval:eval_command",
     "finetune": "cpmbee.commands.finetune:finetune",
     "finetune-data": "cpmbee.commands.finetune_data:finetune_data",
+    "generate": "cpmbee.commands.generate:generate",
     "live": "cpmbee.commands.live:live",
     "merge-lora": "cpmbee.commands.merge_lora:merge_lora",
     "prepare-corpus": "cpmbee.commands.prepare_corpus:prepare_corpus",

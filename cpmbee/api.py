@@ -1,0 +1,91 @@
+"""Loading a model and its tokenizer in one call: what the CLI, the server and the evaluator share.
+
+``load_model_and_tokenizer(None)`` gives the embedded default model shipped inside the package (a small
+demo model trained with this project's own tools, see ``docs/embedded-model.md``), so every command works
+offline on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import find_config, load_model
+from .model import CpmBeeForCausalLM
+from .tokenizer import CpmBeeTokenizer
+
+__all__ = ["DEFAULT_MODEL_NAME", "default_model_path", "load_model_and_tokenizer", "resolve_device"]
+
+DEFAULT_MODEL_NAME = "cpmbee-demo"
+
+
+def default_model_path() -> Path:
+    """Directory of the embedded default model (``cpmbee/models/cpmbee-demo``)."""
+    path = Path(str(resources.files("cpmbee") / "models" / DEFAULT_MODEL_NAME))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded default model is missing from {path}; reinstall cpmbee or pass --model DIR"
+        )
+    return path
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` → the first CUDA device when there is one, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _find_vocab(path: Path) -> Path:
+    directory = path if path.is_dir() else path.parent
+    vocab = directory / "vocab.txt"
+    if not vocab.is_file():
+        raise FileNotFoundError(f"no vocab.txt beside the model in {directory}")
+    return vocab
+
+
+def load_model_and_tokenizer(
+    path: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    quantize: str | None = None,
+    attn_implementation: str | None = None,
+    **dispatch: Any,
+) -> tuple[CpmBeeForCausalLM, CpmBeeTokenizer]:
+    """Load a model (HF directory, original ``.pt`` file or checkpoint directory) and its tokenizer.
+
+    Args:
+        path: the model; ``None`` → the embedded default model.
+        device: ``"cpu"``, ``"cuda:0"``, …; ``None``/``"auto"`` picks CUDA when available.
+        dtype: compute dtype; default float32 on the CPU and the checkpoint's own elsewhere.
+        quantize: ``"int8"`` or ``"nf4"`` (bitsandbytes weight-only), after loading.
+        dispatch: ``max_memory``/``offload_folder`` spread the layers over devices (see ``cpmbee.offload``).
+    """
+    path = Path(path) if path is not None else default_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    target = resolve_device(device)
+    if dtype is None and target.type == "cpu":
+        dtype = torch.float32  # half precision matmuls are slow or missing on most CPUs
+    model = load_model(path, config=find_config(path), dtype=dtype, attn_implementation=attn_implementation)
+    tokenizer = CpmBeeTokenizer(_find_vocab(path))
+    if quantize is not None:
+        from .quantize import quantize_model
+
+        bits = {"int8": 8, "nf4": 4, "fp4": 4}.get(quantize)
+        if bits is None:
+            raise ValueError(f"quantize must be 'int8', 'nf4' or 'fp4', got {quantize!r}")
+        kwargs = {"quant_type": quantize} if bits == 4 else {}
+        model = quantize_model(model.to(target), bits, **kwargs)
+    elif dispatch.get("max_memory"):
+        from .offload import dispatch_with_memory_limit
+
+        model = dispatch_with_memory_limit(model, **dispatch)
+    else:
+        model = model.to(target)
+    return model.eval(), tokenizer
