@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "finetune-data": "cpmbee.commands.finetune_data:finetune_data",
     "generate": "cpmbee.commands.generate:generate",
     "live": "cpmbee.commands.live:live",
+    "lm-eval": "cpmbee.commands.lm_eval:lm_eval_command",
     "merge-lora": "cpmbee.commands.merge_lora:merge_lora",
     "prepare-corpus": "cpmbee.commands.prepare_corpus:prepare_corpus",
     "pretrain": "cpmbee.commands.pretrain:pretrain",

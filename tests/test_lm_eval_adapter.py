@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -159,3 +160,34 @@ def test_simple_evaluate_runs_local_tasks_end_to_end(lm, tmp_path):
     )
     assert 0.0 <= results["toy_gen"]["exact_match,none"] <= 1.0
     assert results["toy_ppl"]["word_perplexity,none"] > 1.0
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_runs_a_local_task(lm, tmp_path):
+    """`cpmbee lm-eval run --model cpmbee …` end to end in a fresh process (lm-eval's start-up is slow)."""
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "model"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_vocabulary(str(model_dir))
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"q": "the input", "a": "is", "b": "in 北京", "label": 0}\n', encoding="utf-8")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "toy.yaml").write_text(
+        f"task: toy_cli\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{q}}"\n'
+        'doc_to_choice: "{{[a, b]}}"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "cpmbee", "lm-eval", "run", "--model", "cpmbee"]
+    command += ["--model_args", f"pretrained={model_dir}", "--batch_size", "2", "--device", "cpu"]
+    command += ["--tasks", "toy_cli", "--include_path", str(tmp_path / "tasks"), "--output_path", str(out)]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_DATASETS_OFFLINE": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "toy_cli" in done.stdout and "acc" in done.stdout
+    (results,) = out.rglob("results_*.json")
+    assert json.loads(results.read_text())["results"]["toy_cli"]["acc,none"] in (0.0, 1.0)

@@ -1,10 +1,10 @@
 """CPM-Bee as an lm-evaluation-harness model: ``lm_eval`` with ``--model cpmbee``.
 
 Importing this module registers the model name ``cpmbee`` (needs the ``eval`` extra: ``pip install
-'cpmbee[eval]'``). lm-eval only knows models it has imported, so run its CLI through this module::
+'cpmbee[eval]'``). lm-eval only knows models it has imported, so run its CLI through ``cpmbee lm-eval`` (which imports this
+module first and hands every argument to lm-eval)::
 
-    python -m cpmbee.evaluation.lm_eval_adapter run --model cpmbee \\
-        --model_args pretrained=path/to/model,batch_size=8 --tasks copa
+    cpmbee lm-eval run --model cpmbee --model_args pretrained=path/to/model --batch_size 8 --tasks copa
 
 or from Python ``lm_eval.simple_evaluate(model=CpmBeeLM(...), tasks=[...])``.
 
@@ -36,6 +36,7 @@ plain text: ``docs/evaluation.md`` maps ZeroCLUE and English tasks onto it for `
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +53,8 @@ from .likelihood import score_answers
 from .perplexity import score_texts
 
 __all__ = ["CpmBeeLM", "to_bee_input"]
+
+logger = logging.getLogger(__name__)
 
 _STRUCTURE_TOKENS = 16  # room for root, keys and <s>/</s> of the two segments
 
@@ -103,7 +106,14 @@ class CpmBeeLM(LM):
         if (model is None) != (tokenizer is None):
             raise ValueError("model and tokenizer: give both or neither")
         if model is None:
+            import torch
+
             from ..api import load_model_and_tokenizer
+
+            if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+                # lm-eval's command line asks for "cuda" unless told otherwise
+                logger.warning("device %r: CUDA is not available, loading on the CPU", device)
+                device = "cpu"
 
             model, tokenizer = load_model_and_tokenizer(pretrained, device=device, dtype=dtype)
         elif pretrained is not None:
@@ -223,9 +233,3 @@ def _bar(total: int | None, what: str, disable: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=f"cpmbee {what}", disable=disable)
-
-
-if __name__ == "__main__":  # lm-eval's own CLI, with the cpmbee model registered
-    from lm_eval.__main__ import cli_evaluate
-
-    cli_evaluate()
