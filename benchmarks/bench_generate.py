@@ -128,7 +128,9 @@ def count_steps(module: torch.nn.Module, method: str = "forward") -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--vocab", type=Path, default=REPO.parent / "shared" / "cpm-bee" / "vocab.txt")
     parser.add_argument("--reference-src", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2)
@@ -153,7 +155,10 @@ def main() -> None:
 
         def run_ref(beam_size, max_new_tokens, repetition_penalty):
             return ref.generate(
-                [dict(PROMPT)], beam_size=beam_size, max_length=max_new_tokens, repetition_penalty=repetition_penalty
+                [dict(PROMPT)],
+                beam_size=beam_size,
+                max_length=max_new_tokens,
+                repetition_penalty=repetition_penalty,
             )[0]
 
         runners["original"] = (run_ref, ref_calls)
@@ -171,8 +176,12 @@ def main() -> None:
             elapsed = time.perf_counter() - t
             steps = calls[0] - 1  # minus the prefill
             results[name].append(steps / elapsed)
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads")
-    print(f"# beam {args.beam}, {args.new_tokens} new tokens, dim 512 × 8 layers, vocab {tokenizer.vocab_size}")
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads"
+    )
+    print(
+        f"# beam {args.beam}, {args.new_tokens} new tokens, dim 512 × 8 layers, vocab {tokenizer.vocab_size}"
+    )
     for name, rates in results.items():
         best = max(rates)
         print(f"{name:10s} decode steps/s: best {best:6.1f}  all {[round(r, 1) for r in rates]}")
