@@ -1,6 +1,6 @@
 """Generation speed of the embedded demo model (what `make demo` / `cpmbee generate` run by default).
 
-    python benchmarks/bench_embedded.py --threads 2
+python benchmarks/bench_embedded.py --threads 2
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cpmbee.api import load_model_and_tokenizer  # noqa: E402
-from cpmbee.generation import generate  # noqa: E402
+from cpmbee.api import load_model_and_tokenizer
+from cpmbee.generation import generate
 
 PROMPTS = [
     {"input": "今天天气不错，", "<ans>": ""},
@@ -36,7 +36,9 @@ def main() -> None:
 
     t = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(args.model)
-    print(f"load: {time.perf_counter() - t:.2f} s, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    print(
+        f"load: {time.perf_counter() - t:.2f} s, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+    )
 
     steps = [0]
     forward = model.forward

@@ -33,6 +33,11 @@ from cpmbee.evaluation.tasks import run_task  # noqa: E402
 from cpmbee.generation import generate  # noqa: E402
 
 
+def read_jsonl(path: Path) -> list:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def translation(model, tokenizer, entries, batch_size: int, beam: int) -> dict[str, float]:
     zh_en = [{"input": e["zh"], "prompt": "英文", "<ans>": ""} for e in entries]
     en_zh = [{"input": e["en"], "prompt": "中文", "<ans>": ""} for e in entries]
@@ -86,7 +91,7 @@ def main() -> None:
     report: dict = {"model": args.model or "embedded", "params": sum(p.numel() for p in model.parameters())}
 
     train = list(Dataset(args.corpus / "cedict"))
-    held = [json.loads(line) for line in open(args.corpus / "cedict_heldout.jsonl", encoding="utf-8")]
+    held = read_jsonl(args.corpus / "cedict_heldout.jsonl")
     report["translation_train"] = translation(
         model, tokenizer, rng.sample(train, args.n), args.batch_size, args.beam
     )
@@ -96,11 +101,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        eval_rows = [json.loads(line) for line in open(args.ccpm / "raw_eval.jsonl", encoding="utf-8")]
+        eval_rows = read_jsonl(args.ccpm / "raw_eval.jsonl")
         eval_rows = eval_rows[: args.ccpm_limit]
-        train_rows = [json.loads(line) for line in open(args.ccpm / "raw_train.jsonl", encoding="utf-8")][
-            :500
-        ]
+        train_rows = read_jsonl(args.ccpm / "raw_train.jsonl")[:500]
         choice = tmp_path / "ccpm_eval.jsonl"
         with open(choice, "w", encoding="utf-8") as f:
             for row in eval_rows:

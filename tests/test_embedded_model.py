@@ -34,11 +34,12 @@ def test_loads_and_answers_structured_prompts():
 
 
 def test_auto_classes_give_the_same_logits():
-    import cpmbee  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import cpmbee  # noqa: F401  (registers the Auto classes)
+
     path = default_model_path()
-    model, tokenizer = load_model_and_tokenizer()
+    model, _ = load_model_and_tokenizer()
     auto = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     auto_tok = AutoTokenizer.from_pretrained(path)
     batch = auto_tok({"input": "你好", "<ans>": ""}, return_tensors="pt")
