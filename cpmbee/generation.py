@@ -122,7 +122,13 @@ class _Prepared:
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    """Where inputs go: the embedding's device, or its execution device when accelerate offloads it."""
+    embedding = model.get_input_embeddings()
+    hook = getattr(embedding, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return embedding.weight.device
 
 
 def _prepare(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Any], single: bool = True) -> _Prepared:

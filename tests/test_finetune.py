@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from cpmbee import CpmBeeForCausalLM
 from cpmbee.checkpoint import load_model
 from cpmbee.data.finetune import FinetuneCollator, prepare_for_finetune
-from cpmbee.train.evaluate import evaluate
+from cpmbee.evaluation.likelihood import evaluate
 from cpmbee.train.finetune import FinetuneArgs, run_finetune
 from cpmbee.train.metrics import read_records
 from cpmbee.train.objective import AnswerObjective, allowed_columns

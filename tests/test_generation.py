@@ -311,3 +311,18 @@ def test_cli_generate_argument_stdin_and_errors(tiny_model_dir, tiny_model, tiny
     assert res.exit_code != 0 and "<ans>" in res.output
     res = runner.invoke(cli, [*args, "--top-p", "0", "--beam-size", "1", json.dumps(PROMPTS[0])])
     assert res.exit_code != 0 and "top_p" in res.output
+
+
+def test_from_pretrained_device_map_auto_with_offload(tiny_model_dir, tiny_model, tiny_tokenizer, tmp_path):
+    want = generate(tiny_model, tiny_tokenizer, PROMPTS, max_new_tokens=8)
+    auto = CpmBeeForCausalLM.from_pretrained(tiny_model_dir, device_map="auto").eval()
+    assert generate(auto, tiny_tokenizer, PROMPTS, max_new_tokens=8) == want
+    size = sum(p.numel() * p.element_size() for p in tiny_model.parameters())
+    split = CpmBeeForCausalLM.from_pretrained(
+        tiny_model_dir,
+        device_map="auto",
+        max_memory={"cpu": int(size * 0.7)},
+        offload_folder=str(tmp_path / "offload"),
+    ).eval()
+    assert "disk" in set(split.hf_device_map.values())
+    assert generate(split, tiny_tokenizer, PROMPTS, max_new_tokens=8) == want

@@ -461,3 +461,27 @@ def test_a_signal_to_one_rank_stops_every_rank_cleanly(setup, tmp_path):
     status = json.loads((tmp_path / "sig" / "status.json").read_text())
     assert status["state"] == "stopped"
     assert (tmp_path / "sig" / "checkpoints" / f"step-{status['step']:08d}").is_dir()
+
+
+def test_real_sample_generation_at_checkpoints_leaves_training_unchanged(setup, tmp_path):
+    from cpmbee.train.pretrain import run_pretrain
+
+    prompts = [{"input": "hello", "<ans>": ""}, {"input": "x", "<ans>": {"a": "", "b": ""}}]
+    base = run_pretrain(
+        load_pretrain_config(setup("a.yaml", run_dir="a", train={"max_steps": 2}, checkpoint={"every": 1}))
+    )
+    options = {"max_new_tokens": 4, "beam_size": 1, "do_sample": True, "seed": 1}
+    cfg = setup(
+        "b.yaml",
+        run_dir="b",
+        train={"max_steps": 2},
+        checkpoint={"every": 1},
+        samples={"prompts": prompts, "options": options},
+    )
+    assert run_pretrain(load_pretrain_config(cfg))["state"] == base["state"] == "finished"
+    samples = list(read_records(tmp_path / "b" / "metrics", kind="sample"))
+    assert len(samples) == 2
+    outputs = [s["output"] for s in samples[-1]["samples"]]
+    assert outputs[0]["input"] == "hello" and isinstance(outputs[0]["<ans>"], str)
+    assert set(outputs[1]["<ans>"]) == {"a", "b"}
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")

@@ -32,8 +32,8 @@ import torch
 
 from ..checkpoint import _atomic_directory
 from ..data.finetune import FinetuneCollator, GlobalBatchOrder, read_jsonl, scan_samples
+from ..evaluation.likelihood import evaluate
 from .checkpointing import CheckpointManager
-from .evaluate import evaluate
 from .finetune_args import FinetuneArgs
 from .metrics import ConsoleSink, JsonlSink, MetricsLogger, TensorBoardSink
 from .monitor import memory_gb

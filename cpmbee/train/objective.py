@@ -77,7 +77,11 @@ class AnswerObjective(nn.Module):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def forward(
-        self, row_stats: bool = False, token_stats: bool = False, **batch: torch.Tensor
+        self,
+        row_stats: bool = False,
+        token_stats: bool = False,
+        token_greedy: bool = False,
+        **batch: torch.Tensor,
     ) -> dict[str, Any]:
         """Sums over the batch's labelled positions.
 
@@ -86,7 +90,8 @@ class AnswerObjective(nn.Module):
         ``(B, L)`` where they are (row-major order); with
         ``row_stats``: ``row_loss`` ``(B,)`` summed cross-entropy per row, ``row_tokens`` ``(B,)``,
         ``row_exact`` ``(B,)`` bool — every answer token is the greedy choice (``allowed_columns``), i.e.
-        greedy decoding would reproduce the answer.
+        greedy decoding would reproduce the answer; with ``token_greedy``: ``token_greedy`` ``(N,)`` bool,
+        whether each labelled position's label is its highest-scoring allowed column.
         """
         unknown = set(batch) - set(BATCH_KEYS)
         if unknown:
@@ -116,16 +121,20 @@ class AnswerObjective(nn.Module):
         if token_stats:
             out["token_loss"] = ce.detach()
             out["label_mask"] = mask
-        if row_stats:
+        if row_stats or token_greedy:
             rows = mask.nonzero()[:, 0].to(logits.device)  # row of each labelled position
-            b = labels.shape[0]
-            zeros = torch.zeros(b, dtype=torch.float32, device=logits.device)
-            out["row_loss"] = zeros.index_add(0, rows, ce.detach())
-            out["row_tokens"] = zeros.index_add(0, rows, torch.ones_like(ce))
             allowed = allowed_columns(
                 {k: v.to(logits.device) for k, v in batch.items()}, lm.config.vocab_size, self.unk_id
             )
             scores = logits.detach().masked_fill(~allowed[rows], float("-inf"))
-            wrong = (scores.argmax(dim=-1) != target).float()
+            right = scores.argmax(dim=-1) == target  # (N,)
+            if token_greedy:
+                out["token_greedy"] = right
+        if row_stats:
+            b = labels.shape[0]
+            zeros = torch.zeros(b, dtype=torch.float32, device=logits.device)
+            out["row_loss"] = zeros.index_add(0, rows, ce.detach())
+            out["row_tokens"] = zeros.index_add(0, rows, torch.ones_like(ce))
+            wrong = (~right).float()
             out["row_exact"] = (zeros.index_add(0, rows, wrong) == 0) & (out["row_tokens"] > 0)
         return out
