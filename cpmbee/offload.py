@@ -21,7 +21,7 @@ PINNED = ("cpmbee.input_embedding", "cpmbee.encoder.output_layernorm")
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 
 
-def parse_memory_limit(text: str) -> dict[int | str, str]:
+def parse_memory_limit(text: str) -> dict[int | str, str | int]:
     """``"4GiB"`` (the first GPU, or the CPU without one) or ``"cuda:0=4GiB,cpu=8GiB"`` → accelerate's
     ``max_memory`` mapping (GPU indices as ints, ``"cpu"``)."""
     out: dict[int | str, str] = {}
@@ -41,11 +41,12 @@ def parse_memory_limit(text: str) -> dict[int | str, str]:
             key = int(name.split(":")[-1])
         else:
             raise ValueError(f"memory limit: unknown device {name!r} (use cpu, cuda:N or N)")
-        out[key] = size.replace(" ", "")
+        size = size.replace(" ", "")
+        out[key] = int(size.upper().removesuffix("B")) if size.upper().removesuffix("B").isdigit() else size
     return out
 
 
-def device_map_for(model: nn.Module, max_memory: dict[int | str, str]) -> dict[str, Any]:
+def device_map_for(model: nn.Module, max_memory: dict[int | str, str | int]) -> dict[str, Any]:
     """A device map filling devices in order (GPUs, then CPU, then disk) within ``max_memory``."""
     from accelerate import infer_auto_device_map
 
@@ -61,7 +62,7 @@ def device_map_for(model: nn.Module, max_memory: dict[int | str, str]) -> dict[s
 
 def dispatch_with_memory_limit(
     model: nn.Module,
-    max_memory: dict[int | str, str] | str,
+    max_memory: dict[int | str, str | int] | str,
     offload_folder: str | None = None,
     device_map: dict[str, Any] | None = None,
 ) -> nn.Module:

@@ -272,6 +272,7 @@ def test_dispatch_over_cpu_and_disk_gives_identical_output(tiny_tokenizer, tmp_p
     dispatched = dispatch_with_memory_limit(model, limit, offload_folder=str(tmp_path / "offload"))
     assert generate(dispatched, tiny_tokenizer, PROMPTS, max_new_tokens=8) == want
     assert parse_memory_limit("cuda:0=4GiB,cpu=8GiB") == {0: "4GiB", "cpu": "8GiB"}
+    assert parse_memory_limit("cpu=84593") == parse_memory_limit("cpu=84593B") == {"cpu": 84593}
     with pytest.raises(ValueError, match="size"):
         parse_memory_limit("cpu=lots")
 
