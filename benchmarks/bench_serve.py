@@ -37,20 +37,8 @@ def build_tiny_model(directory: Path) -> Path:
     import torch
 
     from cpmbee import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeTokenizer
+    from cpmbee.data.vocab import SPECIAL_TOKENS as specials
 
-    specials = [
-        "<pad>",
-        "<unk>",
-        "<mask>",
-        "<sep>",
-        "</n>",
-        "</_>",
-        "<s>",
-        "</s>",
-        "<root>",
-        "<ans>",
-        "<option>",
-    ]
     words = [
         *"abcdefghijklmnopqrstuvwxyz0123456789.,!?:;'\"()[]{}-_=+*/<>@#$%&",
         "the",

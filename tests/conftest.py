@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cpmbee.data.vocab import SPECIAL_TOKENS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CPMBEE_SHARED", REPO_ROOT.parent / "shared"))
 GOLDEN = SHARED / "golden"
@@ -75,19 +77,7 @@ def tokenizer(vocab_file):
 
 
 # A small synthetic vocabulary in the CPM-Bee layout, for tests that need no real data.
-TINY_SPECIALS = [
-    "<pad>",
-    "<unk>",
-    "<mask>",
-    "<sep>",
-    "</n>",
-    "</_>",
-    "<s>",
-    "</s>",
-    "<root>",
-    "<ans>",
-    "<option>",
-]
+TINY_SPECIALS = list(SPECIAL_TOKENS)
 TINY_WORDS = [
     *"abcdefghijklmnopqrstuvwxyz0123456789.,!?:;'\"()[]{}-_=+*/<>@#$%&",
     *["the", " the", "an", " a", "in", "on", "is", " is", "input", "prompt", "question", "options"],
