@@ -254,7 +254,7 @@ def _decode_answers(
     for answer, words in grouped.items():
         if words and words[-1] == tokenizer.eos_id:
             words = words[:-1]
-        texts[answer] = tokenizer.decode(words, dict(table))
+        texts[answer] = tokenizer.decode(words, table)
     return texts
 
 
@@ -331,18 +331,15 @@ def _beam_search(
     cache.reorder(torch.arange(n_rows, device=device).repeat_interleave(beam))
 
     for step in range(limit + 1):
-        if should_stop is not None and any(should_stop(s) for s in active):
-            kept = [
-                (i, s) for i, s in enumerate(active) if not should_stop(s)
-            ]  # abandoned: keep finished hyps
-            keep = torch.tensor(
-                [i * beam + j for i, _ in kept for j in range(beam)], device=device, dtype=torch.long
-            )
-            active = [s for _, s in kept]
-            if not active:
-                break
-            cache.reorder(keep)
-            scores = scores[keep]
+        if should_stop is not None:
+            kept = [i for i, s in enumerate(active) if not should_stop(s)]  # abandoned: keep finished hyps
+            if len(kept) < len(active):
+                active = [active[i] for i in kept]
+                if not active:
+                    break
+                keep = torch.tensor([i * beam + j for i in kept for j in range(beam)], device=device)
+                cache.reorder(keep)
+                scores = scores[keep]
         rows = torch.tensor(active, device=device).repeat_interleave(beam)
         flat = [b for s in active for b in beams[s]]
         for b in flat:
@@ -428,8 +425,8 @@ class _Row:
     answer: int = 0  # index into predict_segments
     feed: tuple[int, int, int, int] = (0, 0, 0, 0)
     history: list[int] = field(default_factory=list)
-    tokens: list[tuple[int, int]] = field(default_factory=list)
-    current: list[int] = field(default_factory=list)  # columns of the answer being written
+    text: str = ""  # the answer being written (decoding is per token, so it grows by appending)
+    length: int = 0  # its tokens
     texts: dict[int, str] = field(default_factory=dict)  # finished answers
     emitted: int = 0  # characters of the current answer already streamed
     generated: int = 0
@@ -457,9 +454,6 @@ def _greedy_events(
     state = [_Row(feed=(tokenizer.bos_id, 0, 0, predict[s][0][0])) for s in range(len(rows_data))]
     active = list(range(len(rows_data)))
 
-    def answer_text(s: int) -> str:
-        return tokenizer.decode(state[s].current, dict(batch.ext_tables[s]))
-
     def finish(s: int) -> StreamEvent:
         texts = {predict[s][k][1]: t for k, t in state[s].texts.items()}
         result = fill_answers(rows_data[s], batch.answer_paths[s], texts)
@@ -471,7 +465,7 @@ def _greedy_events(
         if len(text) > row.emitted:
             yield StreamEvent(s, number, batch.answer_paths[s][number - 1], text[row.emitted :])
         row.texts[row.answer] = text
-        row.current, row.emitted = [], 0
+        row.text, row.length, row.emitted = "", 0, 0
 
     while active:
         if should_stop is not None:
@@ -492,7 +486,7 @@ def _greedy_events(
         history = _history([state[s].history for s in active], opts, device)
         logits = _restrict(logits, prep.forbidden[rows], history, opts)
         if opts.min_new_tokens:
-            young = torch.tensor([len(state[s].current) < opts.min_new_tokens for s in active], device=device)
+            young = torch.tensor([state[s].length < opts.min_new_tokens for s in active], device=device)
             logits[:, tokenizer.eos_id] = logits[:, tokenizer.eos_id].masked_fill(young, -float("inf"))
         words = _choose(logits, opts, generator).tolist()
 
@@ -505,11 +499,12 @@ def _greedy_events(
             last_answer = row.answer + 1 == len(predict[s])
             ended = False
             if word == tokenizer.eos_id:
-                yield from close_answer(s, answer_text(s))
+                yield from close_answer(s, row.text)
                 ended = True
             else:
-                row.current.append(word)
-                text = answer_text(s)
+                row.text += tokenizer.decode([word], batch.ext_tables[s])
+                row.length += 1
+                text = row.text
                 cut = min((text.find(x) for x in opts.stop if x in text), default=-1)
                 if cut >= 0:
                     yield from close_answer(s, text[:cut])
@@ -530,7 +525,7 @@ def _greedy_events(
             out_of_budget = row.generated >= opts.max_new_tokens
             if (ended and last_answer) or out_of_budget:
                 if not ended:
-                    yield from close_answer(s, answer_text(s))
+                    yield from close_answer(s, row.text)
                 yield finish(s)
                 continue
             keep.append(i)
