@@ -18,23 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..prompt import TrainingBatch
+
 __all__ = ["AnswerObjective", "allowed_columns"]
 
-BATCH_KEYS = (
-    "input_ids",
-    "input_id_sub",
-    "length",
-    "context",
-    "sample_ids",
-    "num_segments",
-    "segment",
-    "segment_rel_offset",
-    "segment_rel",
-    "span",
-    "ext_table_ids",
-    "ext_table_sub",
-    "labels",
-)
+BATCH_KEYS = TrainingBatch.TENSOR_FIELDS  # what make_training_batch / the collators produce
 
 
 def allowed_columns(batch: dict[str, torch.Tensor], vocab_size: int, unk_id: int) -> torch.Tensor:
