@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import find_config, load_model
+from .checkpoint import load_model
 from .model import CpmBeeForCausalLM
 from .tokenizer import CpmBeeTokenizer
 
@@ -72,7 +72,7 @@ def load_model_and_tokenizer(
     target = resolve_device(device)
     if dtype is None and target.type == "cpu":
         dtype = torch.float32  # half precision matmuls are slow or missing on most CPUs
-    model = load_model(path, config=find_config(path), dtype=dtype, attn_implementation=attn_implementation)
+    model = load_model(path, dtype=dtype, attn_implementation=attn_implementation)
     tokenizer = CpmBeeTokenizer(_find_vocab(path))
     if quantize is not None:
         from .quantize import quantize_model
