@@ -55,6 +55,7 @@ def load_model_and_tokenizer(
     dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
     attn_implementation: str | None = None,
+    compile: bool = False,
     **dispatch: Any,
 ) -> tuple[CpmBeeForCausalLM, CpmBeeTokenizer]:
     """Load a model (HF directory, original ``.pt`` file or checkpoint directory) and its tokenizer.
@@ -64,6 +65,8 @@ def load_model_and_tokenizer(
         device: ``"cpu"``, ``"cuda:0"``, …; ``None``/``"auto"`` picks CUDA when available.
         dtype: compute dtype; default float32 on the CPU and the checkpoint's own elsewhere.
         quantize: ``"int8"`` or ``"nf4"`` (bitsandbytes weight-only), after loading.
+        compile: compile the decode step (``cpmbee.generation.compile_decoding``): slow first call, faster
+            decoding after.
         dispatch: ``max_memory``/``offload_folder`` spread the layers over devices (see ``cpmbee.offload``).
     """
     path = Path(path) if path is not None else default_model_path()
@@ -88,4 +91,8 @@ def load_model_and_tokenizer(
         model = dispatch_with_memory_limit(model, **dispatch)
     else:
         model = model.to(target)
+    if compile:
+        from .generation import compile_decoding
+
+        compile_decoding(model)
     return model.eval(), tokenizer

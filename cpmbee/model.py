@@ -57,6 +57,24 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------------- leaves
+def _project(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``h @ weight.T`` for ``h (..., D)`` and ``weight (N, D)``.
+
+    With few rows (decoding: one per beam) it is computed as ``(weight @ h.T).T``: the same arithmetic, but
+    CPU BLAS runs that layout several times faster (a memory-bound ``N × D`` pass). The result is then a
+    transposed view, which every consumer in this file accepts."""
+    rows = h.numel() // h.shape[-1]
+    if 0 < rows <= 32:
+        # h as (rows, D) row-major, so h.T is column-major: BLAS is slow on a row-major (D, rows) operand.
+        h_t = h.reshape(rows, -1).contiguous().t()
+        return torch.mm(weight, h_t).t().view(*h.shape[:-1], weight.shape[0])
+    return F.linear(h, weight)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    return F.dropout(x, p, True) if training and p > 0 else x
+
+
 class CpmBeeLinear(nn.Linear):
     """Bias-free linear layer whose output is divided by ``sqrt(in_features)``.
 
@@ -69,7 +87,7 @@ class CpmBeeLinear(nn.Linear):
         self.scale = math.sqrt(in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight) / self.scale
+        return _project(x, self.weight) / self.scale
 
 
 class CpmBeeLayerNorm(nn.Module):
@@ -81,6 +99,8 @@ class CpmBeeLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the same arithmetic without two no-op casts (decoding is op-bound)
+            return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
         variance = x.to(torch.float32).pow(2).mean(dim=-1, keepdim=True)
         return (x * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
 
@@ -113,17 +133,6 @@ class CpmBeeRotaryEmbedding(nn.Module):
         half = x.size(-1) // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return (x.float() * angle.cos() + rotated.float() * angle.sin()).to(x.dtype)
-
-
-def _project(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``h @ weight.T`` for ``h (..., D)`` and ``weight (V, D)``.
-
-    With few rows (decoding: one per beam) the large-``V`` product is computed as ``(weight @ h.T).T``: the
-    same arithmetic, but CPU BLAS runs that layout several times faster (a memory-bound ``V × D`` pass)."""
-    rows = h.numel() // h.shape[-1]
-    if 0 < rows <= 32:
-        return (weight @ h.reshape(rows, -1).T).T.reshape(*h.shape[:-1], weight.shape[0])
-    return F.linear(h, weight)
 
 
 class CpmBeeEmbeddingExt(nn.Module):
@@ -266,15 +275,20 @@ class CpmBeeCache:
         """Keep rows ``index`` (beam search): row ``i`` becomes old row ``index[i]``. Batch size may change."""
         n = self.seq_length
         self.batch_size = int(index.shape[0])
+        on_device: dict[torch.device, torch.Tensor] = {}
 
         def take(t: torch.Tensor, dim_len: int) -> torch.Tensor:
-            idx = index.to(t.device)
-            out = t.new_zeros((idx.shape[0], *t.shape[1:])) if idx.shape[0] != t.shape[0] else t
-            if dim_len == 1:
-                out[:, :n] = t[idx, :n]
-            else:
-                out[:, :, :n] = t[idx, :, :n]
-            return out
+            idx = on_device.get(t.device)
+            if idx is None:
+                idx = on_device[t.device] = index.to(t.device)
+            used = t.narrow(dim_len, 0, n)
+            if idx.shape[0] != t.shape[0]:
+                out = t.new_zeros((idx.shape[0], *t.shape[1:]))
+                out.narrow(dim_len, 0, n).copy_(used[idx])
+                return out
+            # the gather copies first, so a row may be read after it has been overwritten
+            used.copy_(used[idx])
+            return t
 
         self.meta = {k: take(v, 1) for k, v in self.meta.items()}
         self.keys = [None if k is None else take(k, 2) for k in self.keys]
@@ -312,14 +326,14 @@ class CpmBeeAttention(nn.Module):
                 torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.dim_head) + attn_bias
             )  # (B, H, L, K)
             probs = torch.softmax(score.float(), dim=-1).to(v.dtype)
-            probs = F.dropout(probs, dropout, self.training)
+            probs = _dropout(probs, dropout, self.training)
             out = torch.matmul(probs, v)
         else:
             out = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
-                attn_mask=attn_bias.to(q.dtype),
+                attn_mask=attn_bias if attn_bias.dtype == q.dtype else attn_bias.to(q.dtype),
                 dropout_p=dropout,
                 scale=1.0 / math.sqrt(self.dim_head),
             )
@@ -335,12 +349,17 @@ class CpmBeeSelfAttentionBlock(nn.Module):
         self.dropout_p = float(config.dropout_p)
 
     def forward(
-        self, h: torch.Tensor, attn_bias: torch.Tensor, query_ok: torch.Tensor, cache: CpmBeeCache | None
+        self,
+        h: torch.Tensor,
+        attn_bias: torch.Tensor,
+        query_ok: torch.Tensor | None,
+        cache: CpmBeeCache | None,
     ) -> torch.Tensor:
         x = self.self_attention(self.layernorm_before_attention(h), attn_bias, cache)
         # A query that may attend to nothing (right padding) outputs zero, as in the original.
-        x = torch.where(query_ok[:, :, None], x, 0.0)
-        x = F.dropout(x, self.dropout_p, self.training)
+        if query_ok is not None:  # None: every query has a key
+            x = torch.where(query_ok[:, :, None], x, 0.0)
+        x = _dropout(x, self.dropout_p, self.training)
         return (h + x) / 1.05
 
 
@@ -362,7 +381,7 @@ class CpmBeeFeedForward(nn.Module):
         self.dropout_p = float(config.dropout_p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_out(F.dropout(self.w_in(x), self.dropout_p, self.training))
+        return self.w_out(_dropout(self.w_in(x), self.dropout_p, self.training))
 
 
 class CpmBeeFFNBlock(nn.Module):
@@ -373,7 +392,7 @@ class CpmBeeFFNBlock(nn.Module):
         self.dropout_p = float(config.dropout_p)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = F.dropout(self.ffn(self.layernorm_before_ffn(h)), self.dropout_p, self.training)
+        x = _dropout(self.ffn(self.layernorm_before_ffn(h)), self.dropout_p, self.training)
         return (h + x) / 1.05
 
 
@@ -393,7 +412,7 @@ class CpmBeeTransformerBlock(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         attn_bias: torch.Tensor,
-        query_ok: torch.Tensor,
+        query_ok: torch.Tensor | None,
         cache: CpmBeeCache | None = None,
     ) -> torch.Tensor:
         if not self.mask_att:
@@ -506,7 +525,8 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         query_ok = allowed.any(dim=-1)  # (B, L)
         # A query with no key would give NaN (and NaN gradients); let it see everything, zero its output later.
         allowed |= ~query_ok[:, :, None]
-        bias = bias.to(dtype).masked_fill(~allowed[:, None], float("-inf"))
+        # contiguous once here rather than inside every layer's attention kernel
+        bias = bias.to(dtype).masked_fill(~allowed[:, None], float("-inf")).contiguous()
         return bias, query_ok
 
     def forward(
@@ -595,6 +615,9 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         attn_bias, query_ok = self.attention_bias(
             query, keys, num_segments, segment_rel_offset, segment_rel, query_valid, hidden.dtype
         )
+        if query_ok.device.type == "cpu" and not torch.compiler.is_compiling() and bool(query_ok.all()):
+            # nothing to zero (decoding): the layers skip a masking op; checking is free on the CPU only
+            query_ok = None
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.encoder.layers:
             hidden = layer(hidden, attn_bias, query_ok, cache)

@@ -327,3 +327,58 @@ def test_from_pretrained_device_map_auto_with_offload(tiny_model_dir, tiny_model
     ).eval()
     assert "disk" in set(split.hf_device_map.values())
     assert generate(split, tiny_tokenizer, PROMPTS, max_new_tokens=8) == want
+
+
+# ---------------------------------------------------------------------------------------------------- fast decoding
+def test_top_candidates_equal_one_topk_over_all_beams():
+    from cpmbee.generation import _top_candidates
+
+    torch.manual_seed(0)
+    total = torch.randn(4, 3, 1000)
+    total[1, 2] = -1e9  # a beam that may not win
+    scores, index = _top_candidates(total, 6)
+    want_scores, want_index = torch.topk(total.view(4, -1), 6, dim=1)
+    assert torch.equal(scores, want_scores)
+    assert torch.equal(index, want_index)  # no ties in random floats: even the order is the same
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["eager", pytest.param("inductor", marks=pytest.mark.slow)],
+)
+def test_compiled_decoding_matches_golden(backend, tokenizer):
+    """``compile_decoding`` traces the decode step (dynamo; ``inductor`` also compiles it): same answers."""
+    from cpmbee.generation import compile_decoding
+
+    for name in MODELS:
+        try:
+            cases = [c for c in load_golden(f"generation_{name}.json")["cases"] if not c["error"]]
+        except BaseException:
+            pytest.skip("shared/golden is missing: compiled decoding not checked against the reference")
+        model = compile_decoding(
+            load_model(GOLDEN / f"weights_{name}.safetensors", config=GOLDEN / f"config_{name}.json"),
+            backend=backend,
+        )
+        for case in cases:
+            out = generate(model, tokenizer, copy.deepcopy(case["input"]), **case["kwargs"])
+            assert out == case["output"], case["name"]
+
+
+def test_compile_decoding_refuses_a_model_spread_over_devices(tiny_model):
+    from cpmbee.generation import compile_decoding
+
+    model = copy.deepcopy(tiny_model)
+    model.hf_device_map = {"cpmbee.input_embedding": "cpu", "cpmbee.encoder.layers.1": "disk"}
+    with pytest.raises(ValueError, match="several devices"):
+        compile_decoding(model)
+
+
+def test_load_model_and_tokenizer_compile_sets_up_compiled_decoding():
+    from cpmbee.api import load_model_and_tokenizer
+    from cpmbee.generation import _COMPILED
+
+    # the embedded model; compiling happens on first use, not here
+    model, _ = load_model_and_tokenizer(device="cpu", compile=True)
+    assert callable(getattr(model, _COMPILED))
+    plain, _ = load_model_and_tokenizer(device="cpu")
+    assert not hasattr(plain, _COMPILED)

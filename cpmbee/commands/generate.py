@@ -74,6 +74,12 @@ def _batches(items: Iterator[tuple[str, Any]], size: int) -> Iterator[list[tuple
 @click.option(
     "--memory-limit", default=None, help="Spread layers over devices, e.g. '4GiB' or 'cuda:0=4GiB,cpu=8GiB'."
 )
+@click.option(
+    "--compile",
+    "compile_",
+    is_flag=True,
+    help="torch.compile the decode step: a slow first step, faster after (long outputs, many inputs).",
+)
 def generate(
     data: str | None,
     model_path: str | None,
@@ -94,6 +100,7 @@ def generate(
     dtype: str | None,
     quantize: str | None,
     memory_limit: str | None,
+    compile_: bool,
 ) -> None:
     """Fill the <ans> slots of DATA (a CPM-Bee dict as JSON), or of each JSONL line on stdin.
 
@@ -138,7 +145,7 @@ def generate(
     dispatch = {"max_memory": memory_limit} if memory_limit else {}
     try:
         model, tokenizer = load_model_and_tokenizer(
-            model_path, device=device, dtype=dtype, quantize=quantize, **dispatch
+            model_path, device=device, dtype=dtype, quantize=quantize, compile=compile_, **dispatch
         )
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None

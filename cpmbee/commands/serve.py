@@ -51,6 +51,12 @@ import click
     help="Where --memory-limit puts layers that fit nowhere. Default: a temporary directory.",
 )
 @click.option(
+    "--compile",
+    "compile_",
+    is_flag=True,
+    help="torch.compile the decode step at start-up (slow start, faster decoding).",
+)
+@click.option(
     "--max-queue",
     type=click.IntRange(min=1),
     default=64,
@@ -113,6 +119,7 @@ def serve(
     quantize: str | None,
     memory_limit: str | None,
     offload_folder: str | None,
+    compile_: bool,
     max_queue: int,
     max_batch_size: int,
     batch_wait_ms: float,
@@ -154,6 +161,7 @@ def serve(
             quantize=quantize,
             memory_limit=memory_limit,
             offload_folder=offload_folder,
+            compile=compile_,
             max_queue=max_queue,
             max_batch_rows=max_batch_size,
             batch_wait_s=batch_wait_ms / 1000,

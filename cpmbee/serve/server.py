@@ -48,6 +48,7 @@ def load_engine(
     max_queue: int = 64,
     max_batch_rows: int = 16,
     batch_wait_s: float = 0.005,
+    compile: bool = False,
 ) -> tuple[Engine, dict[str, Any]]:
     """Load a model (``None``: the embedded default model) and wrap it in a batching ``Engine``.
 
@@ -55,6 +56,8 @@ def load_engine(
         quantize: ``"int8"`` or ``"nf4"`` (bitsandbytes, weight-only).
         memory_limit: ``"4GiB"`` or ``"cuda:0=4GiB,cpu=8GiB"``: accelerate places whole transformer blocks on
             the GPUs, then the CPU, then disk (``offload_folder``, a temporary directory by default).
+        compile: ``torch.compile`` the decode step, and compile it now (one greedy and one beam request)
+            so that no client waits for it.
     Returns:
         The engine (not started) and the facts ``/health`` reports.
     """
@@ -66,8 +69,14 @@ def load_engine(
 
         dispatch = {"max_memory": parse_memory_limit(memory_limit), "offload_folder": offload_folder}
     model, tokenizer = load_model_and_tokenizer(
-        model_path, device=device, dtype=dtype, quantize=quantize, **dispatch
+        model_path, device=device, dtype=dtype, quantize=quantize, compile=compile, **dispatch
     )
+    if compile:
+        from ..generation import generate
+
+        warm_up = {"input": "warm up", "<ans>": ""}
+        generate(model, tokenizer, warm_up, beam_size=1, max_new_tokens=2)  # one row: a graph of its own
+        generate(model, tokenizer, warm_up, beam_size=3, max_new_tokens=2)  # several rows: the dynamic graph
     engine = Engine(
         model,
         tokenizer,
