@@ -139,7 +139,7 @@ def compile_decoding(model: torch.nn.Module, **compile_options: Any) -> torch.nn
 
     The step is compiled once with dynamic shapes (rows, cache length), so beams leaving the batch and the
     growing cache do not recompile; the prompt's prefill stays eager. Compiling takes a while on first use
-    (on a 2-core CPU about 80 s, ~20 s with torch's on-disk cache warm) and then removes most of the per-step
+    (on a 2-core CPU 40–80 s, ~10–20 s with torch's on-disk cache warm) and then removes most of the per-step
     operator overhead: see BENCHMARKS.md. Results equal eager decoding up to float rounding (inductor fuses
     the element-wise operations). Not for models dispatched over devices with accelerate hooks.
     ``compile_options`` go to ``torch.compile`` (``mode``, ``backend``, …)."""
