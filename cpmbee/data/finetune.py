@@ -20,7 +20,6 @@ Inputs may be one dict, a list of dicts, or a dict of lists (a 🤗 ``datasets``
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from ..prompt import (
     join_samples,
     make_training_batch,
 )
+from .jsonl import iter_jsonl
 
 __all__ = [
     "FinetuneCollator",
@@ -90,21 +90,12 @@ def read_jsonl(path: str | os.PathLike, *, require_answer: bool = True) -> list[
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     samples: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(sample, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(sample).__name__}")
-            if require_answer and ANSWER_KEY not in sample:
-                raise ValueError(
-                    f"{path}:{number}: no {ANSWER_KEY!r} key (a fine-tuning sample needs its answer)"
-                )
-            samples.append(sample)
+    for number, sample in iter_jsonl(path):
+        if require_answer and ANSWER_KEY not in sample:
+            raise ValueError(
+                f"{path}:{number}: no {ANSWER_KEY!r} key (a fine-tuning sample needs its answer)"
+            )
+        samples.append(sample)
     if not samples:
         raise ValueError(f"{path}: no samples")
     return samples

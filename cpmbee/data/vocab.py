@@ -18,13 +18,14 @@ any English word still splits into shorter pieces or single letters.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from .jsonl import iter_jsonl
 
 __all__ = ["SPECIAL_TOKENS", "build_vocab", "iter_corpus_texts", "write_vocab"]
 
@@ -65,18 +66,12 @@ def iter_corpus_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
     (``<mask_0>``) in JSONL strings are removed before counting."""
     for path in paths:
         path = Path(path)
-        with open(path, encoding="utf-8") as f:
-            if path.suffix == ".jsonl":
-                for number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                    for text in _strings(record):
-                        yield _SPECIAL_IN_TEXT.sub("", text).replace("<<", "<")
-            else:
+        if path.suffix == ".jsonl":
+            for _, record in iter_jsonl(path, objects=False):
+                for text in _strings(record):
+                    yield _SPECIAL_IN_TEXT.sub("", text).replace("<<", "<")
+        else:
+            with open(path, encoding="utf-8") as f:
                 for line in f:
                     yield line.rstrip("\n")
 

@@ -19,7 +19,7 @@ every record a choice sample → choice; every record with ``<ans>`` → generat
 
 from __future__ import annotations
 
-import json
+import itertools
 import math
 import os
 import time
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.finetune import FinetuneCollator, choice_candidates
+from ..data.jsonl import iter_jsonl
 from ..prompt import ANSWER_KEY
 from .likelihood import best_candidate, candidate_samples, score_answers
 from .metrics import exact_match, parse_choice, token_f1
@@ -48,23 +49,11 @@ def load_task(path: str | os.PathLike, *, limit: int | None = None) -> list[Any]
         raise FileNotFoundError(f"task file {str(path)!r} does not exist")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")
-    records: list[Any] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if limit is not None and len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            if path.suffix == ".txt":
-                records.append(line.rstrip("\n"))
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+    if path.suffix == ".txt":
+        with open(path, encoding="utf-8") as f:
+            records: list[Any] = list(itertools.islice((ln.rstrip("\n") for ln in f if ln.strip()), limit))
+    else:
+        records = [record for _, record in itertools.islice(iter_jsonl(path), limit)]
     if not records:
         raise ValueError(f"{path}: no examples")
     return records
