@@ -45,9 +45,13 @@ FORBIDDEN = -10000.0  # the logit forbidden columns get (not -inf: the original'
 
 
 class GenerationOptions(BaseModel):
-    """Options of ``generate``/``stream_generate``; unknown names and bad values raise ``ValueError``."""
+    """Options of ``generate``/``stream_generate``; unknown names and bad values raise ``ValueError``.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    Types are strict (``"3"`` is not a beam size, ``"yes"`` not a flag), floats finite, the seed an int64."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, strict=True, allow_inf_nan=False
+    )
 
     beam_size: int = Field(3, ge=1, le=64, description="beams; 1 = greedy or sampling")
     max_new_tokens: int = Field(
@@ -60,8 +64,10 @@ class GenerationOptions(BaseModel):
     temperature: float = Field(1.0, gt=0.0)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list, description="stop strings ending an answer (beam 1)")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="an int64")
+    stop: list[str] = Field(
+        default_factory=list, strict=False, description="stop strings ending an answer (beam 1)"
+    )
 
     @classmethod
     def parse(
@@ -439,7 +445,10 @@ def _beam_search(
 def _choose(logits: torch.Tensor, opts: GenerationOptions, generator: torch.Generator | None) -> torch.Tensor:
     if not opts.do_sample:
         return logits.argmax(dim=-1)
-    logits = logits / opts.temperature
+    # Shifted so that the best logit is 0 and divided in float64: any finite temperature (1e-300 too)
+    # leaves finite logits or -inf, never inf or nan.
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    logits = (logits.double() / opts.temperature).float()
     if opts.top_k:
         kth = torch.topk(logits, min(opts.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
@@ -447,6 +456,7 @@ def _choose(logits: torch.Tensor, opts: GenerationOptions, generator: torch.Gene
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= opts.top_p  # keeps the first token over p
+        drop_sorted[:, 0] = False  # and the best one whatever p (a tiny p rounds to 0 in float32)
         drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
         logits = logits.masked_fill(drop, -float("inf"))
     probs = logits.softmax(dim=-1)

@@ -42,6 +42,7 @@ __all__ = [
     "ExtState",
     "PromptBatch",
     "PromptSample",
+    "PromptTooLong",
     "TrainingBatch",
     "TrainingSample",
     "collate_prompts",
@@ -122,11 +123,19 @@ def _build_segments(data: Any, shuffle_answer: bool, rng: Any) -> list[_Segment]
 def segment_relations(
     parents: Sequence[int], depths: Sequence[int], max_depth: int = DEFAULT_MAX_DEPTH
 ) -> np.ndarray:
-    """Read-only flattened ``n × n`` relation table of a tree shape (memoized: datasets repeat shapes).
+    """Read-only flattened ``n × n`` relation table of a tree shape (small shapes are memoized: datasets
+    repeat them; large ones are not, so a server fed many shapes does not keep every table).
 
     See ``_segment_relations``.
     """
+    if len(parents) > _CACHED_SEGMENTS:
+        table = _segment_relations(parents, depths, max_depth)
+        table.flags.writeable = False
+        return table
     return _segment_relations_cached(tuple(parents), tuple(depths), max_depth)
+
+
+_CACHED_SEGMENTS = 64  # memoize tables of at most this many segments (16 KiB each)
 
 
 @lru_cache(maxsize=4096)
@@ -144,6 +153,9 @@ def _segment_relations(parents: Sequence[int], depths: Sequence[int], max_depth:
     With ``c`` the lowest common ancestor of ``a`` and ``b``, ``up = min(depth[a] - depth[c], max_depth - 1)``
     and ``down`` likewise for ``b``; the bucket is ``up * max_depth + down``, plus one when non-zero because
     bucket 1 is kept for "another sample or span". A segment with itself is 0.
+
+    The depth of ``c`` is the number of depths at which ``a`` and ``b`` share their ancestor, less one (in a
+    tree, once two paths part they never meet again): one ``n × n`` comparison per tree level.
     """
     n = len(parents)
     depth = np.asarray(depths, dtype=np.int64)
@@ -153,16 +165,29 @@ def _segment_relations(parents: Sequence[int], depths: Sequence[int], max_depth:
         if p >= 0:
             ancestors[i] = ancestors[p]
         ancestors[i, depth[i]] = i
-    same = (ancestors[:, None, :] == ancestors[None, :, :]) & (ancestors[:, None, :] >= 0)
-    lca_depth = np.cumprod(same, axis=2).sum(axis=2) - 1  # (n, n)
-    up = np.minimum(depth[:, None] - lca_depth, max_depth - 1)
-    down = np.minimum(depth[None, :] - lca_depth, max_depth - 1)
-    bucket = up * max_depth + down
-    bucket = np.where(bucket == 0, 0, bucket + 1)
-    return bucket.reshape(-1).astype(np.int32)
+    shared = np.zeros((n, n), dtype=np.int16)  # depths at which a and b have the same ancestor
+    for d in range(height):
+        column = ancestors[:, d]
+        shared += (column[:, None] == column[None, :]) & (column >= 0)[:, None]
+    lca_depth = shared - 1
+    depth16 = depth.astype(np.int16)  # a dict nested 32k deep cannot be built (recursion limit)
+    up = np.minimum(depth16[:, None] - lca_depth, max_depth - 1)
+    down = np.minimum(depth16[None, :] - lca_depth, max_depth - 1)
+    bucket = up.astype(np.int32) * max_depth + down
+    bucket[bucket != 0] += 1
+    return bucket.reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------------- samples
+class PromptTooLong(ValueError):
+    """An input with more tokens than the caller's ``max_tokens``; raised as soon as the tokens are counted,
+    before the ``num_segments²`` relation table is built."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} tokens")
+        self.limit = limit
+
+
 @dataclass
 class ExtState:
     """Out-of-vocabulary bookkeeping of one sample, chained through its in-context samples.
@@ -209,6 +234,7 @@ def encode_sample(
     shuffle_answer: bool = False,
     rng: np.random.RandomState | None = None,
     ext_state: ExtState | None = None,
+    max_tokens: int | None = None,
 ) -> EncodedSample:
     """Encode a structured input.
 
@@ -221,12 +247,12 @@ def encode_sample(
             the global numpy RNG when ``rng`` is None).
         ext_state: state of an earlier sample to continue from (in-context samples share ext numbering);
             it is not modified.
+        max_tokens: raise ``PromptTooLong`` as soon as the sample has more tokens than this.
     """
     if max_depth < 2:
         raise ValueError(f"max_depth must be at least 2, got {max_depth}")
     segments = _build_segments(data, shuffle_answer, rng)
     n = len(segments)
-    segment_rel = segment_relations([s.parent for s in segments], [s.depth for s in segments], max_depth)
 
     state = ext_state.copy() if ext_state is not None else ExtState()
     table, families = state.ext_table, state.token_id_table
@@ -266,7 +292,10 @@ def encode_sample(
         if not seg.predict:
             ids.append(eos)
         lengths.append(len(ids) - start)
+        if max_tokens is not None and len(ids) > max_tokens:
+            raise PromptTooLong(max_tokens)
 
+    segment_rel = segment_relations([s.parent for s in segments], [s.depth for s in segments], max_depth)
     subs = np.zeros(len(ids), dtype=np.int32)
     subs[ext_positions] = ext_subs
     length_arr = np.asarray(lengths, dtype=np.int64)
@@ -325,20 +354,33 @@ def _with_placeholders(data: CpmBeeInput) -> tuple[dict[str, Any], list[tuple[st
     return out, paths
 
 
+def _encode_within(limit: int | None, *args: Any, **kwargs: Any) -> EncodedSample:
+    """``encode_sample`` whose ``PromptTooLong`` names ``limit`` (the prompt's budget) instead of its own."""
+    try:
+        return encode_sample(*args, **kwargs)
+    except PromptTooLong:
+        raise PromptTooLong(limit or 0) from None
+
+
 def encode_prompt(
     tokenizer: CpmBeeTokenizer,
     data: CpmBeeInput,
     *,
     samples: Sequence[CpmBeeInput] = (),
     max_depth: int = DEFAULT_MAX_DEPTH,
+    max_tokens: int | None = None,
 ) -> PromptSample:
     """Encode ``data`` for generation: answer slots become placeholders and are cut out of the input.
 
     Whatever ``<ans>`` holds (``""``, a text, a dict of them) only gives the answer slots; existing text is
     discarded. ``samples`` are in-context examples appended after the prompt (with filled answers).
+    ``max_tokens`` bounds the prompt's length: ``PromptTooLong`` is raised while counting, before the
+    quadratic work, so an oversized input costs no more than reading it.
     """
     filled, paths = _with_placeholders(data)
-    enc = encode_sample(tokenizer, filled, max_depth=max_depth)
+    # each answer slot encodes as <s> <ans_k> (2 tokens), cut out of the prompt below
+    budget = None if max_tokens is None else max_tokens + 2 * len(paths)
+    enc = _encode_within(max_tokens, tokenizer, filled, max_depth=max_depth, max_tokens=budget)
     answer_subs: dict[int, int] = {}
     for ext_id, sub in enc.ext_state.token_id_table.get(ANSWER_KEY, {}).items():
         match = _PLACEHOLDER.fullmatch(enc.ext_state.ext_table[ext_id])
@@ -358,8 +400,15 @@ def encode_prompt(
     rels = [enc.segment_rel]
     rel_len = enc.segment_rel.shape[0]
     state = enc.ext_state
+    length = len(ids)
+    if max_tokens is not None and length > max_tokens:
+        raise PromptTooLong(max_tokens)
     for k, sample in enumerate(samples, start=1):
-        s = encode_sample(tokenizer, sample, max_depth=max_depth, ext_state=state)
+        left = None if max_tokens is None else max_tokens - length
+        s = _encode_within(
+            max_tokens, tokenizer, sample, max_depth=max_depth, ext_state=state, max_tokens=left
+        )
+        length += len(s)
         state = s.ext_state
         parts.append(
             (

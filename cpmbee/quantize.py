@@ -16,6 +16,7 @@ bitsandbytes is an optional dependency (``pip install 'cpmbee[quant]'``).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -26,7 +27,22 @@ from .model import CpmBeeLinear
 __all__ = ["model_memory_bytes", "quantize_model"]
 
 
+class _ExpectedNotes(logging.Filter):
+    """Drops bitsandbytes' notes about what it does by design: LLM.int8 rounds its inputs through float16
+    (logged on every matmul, thousands of lines a minute when serving) and the CPU 4-bit path falls back to
+    its own kernel when the optional ``kernels`` package is absent. Other records pass."""
+
+    NOTES = ("MatMul8bitLt: inputs will be cast from", "Failed to load CPU gemm_4bit_forward")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTES)
+
+
 def _bnb() -> Any:
+    for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _ExpectedNotes) for f in log.filters):
+            log.addFilter(_ExpectedNotes())
     try:
         import bitsandbytes
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -37,7 +53,7 @@ def _bnb() -> Any:
 def _scaled(base: type, scale: float) -> type:
     """A subclass of a bitsandbytes linear whose output is divided by ``scale`` like ``CpmBeeLinear``."""
 
-    class Scaled(base):  # type: ignore[misc, valid-type]
+    class Scaled(base):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x) / self.cpmbee_scale
 
@@ -101,7 +117,8 @@ def quantize_model(
         new = new.to(device)  # bitsandbytes quantizes when the weight is moved
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-    model.config.quantization = {"bits": bits, "quant_type": quant_type if bits == 4 else "llm.int8"}
+    config: Any = model.config
+    config.quantization = {"bits": bits, "quant_type": quant_type if bits == 4 else "llm.int8"}
     return model
 
 

@@ -21,7 +21,7 @@ import click
     "--api-key",
     envvar="CPMBEE_API_KEY",
     default=None,
-    help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics (env CPMBEE_API_KEY).",
+    help="Require 'Authorization: Bearer KEY' on every path but /health (env CPMBEE_API_KEY).",
 )
 @click.option(
     "--model-name", default=None, help="Name reported to OpenAI clients. Default: the model directory's name."
@@ -106,6 +106,13 @@ import click
     help="Largest request body; larger ones get 413.",
 )
 @click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0.1),
+    default=15.0,
+    show_default=True,
+    help="Seconds a client has to send its request body; slower ones get 408.",
+)
+@click.option(
     "--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info"
 )
 def serve(
@@ -127,6 +134,7 @@ def serve(
     max_new_tokens: int,
     max_input_tokens: int,
     max_body_bytes: int,
+    body_timeout: float,
     log_level: str,
 ) -> None:
     """Serve a CPM-Bee model over HTTP with dynamic batching.
@@ -142,9 +150,14 @@ def serve(
         cpmbee serve --model models/cpm-bee-10b --memory-limit cuda:0=6GiB,cpu=24GiB
         curl -s localhost:8000/v1/generate -d '{"input": {"input": "今天天气不错", "<ans>": ""}}'
     """
+    if api_key is not None and not api_key:
+        raise click.BadParameter(
+            "must not be empty (leave it out to serve without a key)", param_hint="--api-key"
+        )
     try:
         from ..serve import Limits, create_app, load_engine, run_server
-        from ..serve.server import LOOPBACK_HOSTS
+        from ..serve.server import WorkerDied
+        from ..web import LOOPBACK_HOSTS, allowed_hosts_for
     except ImportError as err:
         raise click.ClickException(str(err)) from err
     if host not in LOOPBACK_HOSTS and not api_key:
@@ -177,6 +190,7 @@ def serve(
         max_new_tokens=max_new_tokens,
         max_input_tokens=max_input_tokens,
         max_rows=max_batch_size,
+        body_timeout_s=body_timeout,
     )
     app = create_app(
         engine,
@@ -185,10 +199,20 @@ def serve(
         limits=limits,
         request_timeout_s=request_timeout,
         model_info=info,
+        allowed_hosts=allowed_hosts_for(host),
     )
+    if info.get("demo"):
+        click.echo(
+            f"cpmbee serve: no --model: serving the embedded {info['parameters'] / 1e6:.1f}M-parameter demo "
+            "model, a smoke test rather than CPM-Bee-10B (docs/embedded-model.md)",
+            err=True,
+        )
     click.echo(
         f"cpmbee serve: {model_name} ({info['parameters']:,} parameters, {info['dtype']}, "
         f"{info['placement']}) on http://{host}:{port}/  (docs at /docs; Ctrl-C to stop)",
         err=True,
     )
-    run_server(app, host=host, port=port, log_level=log_level)
+    try:
+        run_server(app, host=host, port=port, log_level=log_level)
+    except WorkerDied as err:
+        raise click.ClickException(f"{err}; stopped (restart the server)") from err

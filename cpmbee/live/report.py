@@ -252,8 +252,7 @@ def summarize_day(
             s.tokens_day = int(seen[-1][0] - before)
         else:
             s.tokens_day = int(sum(_finite(r.get("tokens") for r in train)))
-        grads = [(r.get("grad_norm"), r["step"]) for r in train]
-        finite_grads = [(g, st) for g, st in grads if _finite([g])]
+        finite_grads = [(g[0], r["step"]) for r in train if (g := _finite([r.get("grad_norm")]))]
         if finite_grads:
             s.grad_norm_mean = statistics.fmean(g for g, _ in finite_grads)
             s.grad_norm_max = max(finite_grads)

@@ -25,26 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
 try:
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.middleware import Middleware
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.requests import Request
-    from starlette.responses import (
-        FileResponse,
-        HTMLResponse,
-        JSONResponse,
-        PlainTextResponse,
-        Response,
-        StreamingResponse,
-    )
+    from starlette.responses import FileResponse, HTMLResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 except ImportError as err:  # pragma: no cover - depends on the environment
@@ -52,14 +44,14 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "The live dashboard needs the `live` extra (Starlette, uvicorn, markdown): pip install 'cpmbee[live]'"
     ) from err
 
+from ..web import JSONBody, RequestGuard, allowed_hosts_for, h11_protocol, sse_event
 from . import report
-from .state import INSPECT_STATS, RunState, jsonable
+from .state import INSPECT_STATS, RunState, jsonable, match_groups
 
 __all__ = ["DEFAULT_PORT", "LiveHub", "bind_socket", "create_app", "serve"]
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_PORT = 8765
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _HEARTBEAT_S = 15.0
 
 
@@ -106,13 +98,8 @@ class LiveHub:
             self.publish(("status", self.status_message(with_run=update.run_changed)))
 
 
-def _sse(event: str, data: Any, seq: int | None = None) -> str:
-    head = f"id: {seq}\n" if seq is not None else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data, ensure_ascii=False, allow_nan=False)}\n\n"
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str) -> JSONBody:
+    return JSONBody({"error": message}, status_code=status)
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -128,184 +115,213 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     return value
 
 
+def _hub(request: Request) -> LiveHub:
+    return request.app.state.hub
+
+
+# ------------------------------------------------------------------------------------------------ routes
+async def index(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def snapshot(request: Request) -> Response:
+    try:
+        points = _int_param(request, "max_points", request.app.state.max_points, 10, 1_000_000)
+    except ValueError as err:
+        return _error(400, str(err))
+    return JSONBody(_hub(request).state.snapshot(points))
+
+
+async def status(request: Request) -> Response:
+    return JSONBody(_hub(request).status_message(with_run=True))
+
+
+async def stream(request: Request) -> Response:
+    hub = _hub(request)
+    try:
+        after = _int_param(request, "after", hub.state.seq, 0, 2**62)
+    except ValueError as err:
+        return _error(400, str(err))
+    return StreamingResponse(
+        _events(hub, after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _events(hub: LiveHub, after: int) -> AsyncIterator[bytes]:
+    """The event stream of one page: what it missed after record ``after``, the status, then the news."""
+    queue = hub.subscribe()
+    sent = after
+    try:
+        yield b"retry: 2000\n\n"
+        backlog = hub.state.records_after(after)
+        if backlog is None:
+            yield sse_event({"reason": f"records after {after} are no longer kept"}, event="reset")
+            return
+        if backlog:
+            sent = backlog[-1]["seq"]
+            payload = jsonable({"seq": sent, "records": backlog, "eta": hub.state.eta()})
+            yield sse_event(payload, event="records", id=sent)
+        yield sse_event(hub.status_message(with_run=True), event="status")
+        idle = 0.0
+        while not hub.closing:
+            try:
+                message = await asyncio.wait_for(queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                idle += 1.0
+                if idle >= _HEARTBEAT_S:  # keeps proxies and the browser from timing out
+                    idle = 0.0
+                    yield b": ping\n\n"
+                continue
+            idle = 0.0
+            if message is None:  # server shutting down
+                return
+            kind, data = message
+            if kind == "records":
+                fresh = [r for r in data["records"] if r["seq"] > sent]
+                if not fresh:
+                    continue
+                sent = fresh[-1]["seq"]
+                yield sse_event({**data, "records": fresh}, event=kind, id=sent)
+            else:
+                yield sse_event(data, event=kind)
+    finally:
+        hub.unsubscribe(queue)
+
+
+async def inspect(request: Request) -> Response:
+    hub = _hub(request)
+    stat = request.query_params.get("stat", "norm")
+    known = {s for stats in hub.state.inspect.values() for s in stats} | set(INSPECT_STATS)
+    if stat not in known:
+        return _error(400, f"stat: unknown statistic {stat!r}; one of {sorted(known)}")
+    try:
+        limit = _int_param(request, "limit", 16, 1, 200)
+        points = _int_param(request, "max_points", 500, 10, 100_000)
+        # a user's regular expression runs off the event loop, under a time limit
+        names = sorted(hub.state.inspect)
+        matched = await run_in_threadpool(match_groups, request.query_params.get("groups"), names)
+        data = hub.state.inspect_series(stat, limit=limit, max_points=points, matched=matched)
+    except ValueError as err:
+        return _error(400, str(err))
+    return JSONBody(data)
+
+
+async def incident(request: Request) -> Response:
+    try:
+        return JSONBody(_hub(request).state.incident_detail(request.path_params["name"]))
+    except ValueError as err:
+        return _error(400, str(err))
+    except FileNotFoundError as err:
+        return _error(404, str(err))
+
+
+async def reports(request: Request) -> Response:
+    run_dir = request.app.state.run_dir
+    days = sorted(set(report.available_days(run_dir)) | set(report.reported_days(run_dir)))
+    out = []
+    for day in days:
+        md_path, html_path = report.report_paths(run_dir, day)
+        out.append({"day": day, "markdown": md_path.is_file(), "html": html_path.is_file()})
+    return JSONBody({"utc_offset_hours": report.run_offset(run_dir), "days": out})
+
+
+async def show_report(request: Request) -> Response:
+    run_dir = request.app.state.run_dir
+    day = request.path_params["day"]
+    fmt = request.query_params.get("format", "html")
+    if fmt not in ("html", "md"):
+        return _error(400, f"format: expected html or md, got {fmt!r}")
+    try:
+        summary, text = report.build_report(run_dir, day)
+    except ValueError as err:
+        return _error(400, str(err))
+    if summary.empty and day not in report.reported_days(run_dir):
+        return _error(404, f"day: no records on {day}")
+    if fmt == "md":
+        return PlainTextResponse(text, media_type="text/markdown; charset=utf-8")
+    return HTMLResponse(report.render_html(text, f"Training log {day}: {summary.run_name}"))
+
+
+async def write_report(request: Request) -> Response:
+    run_dir = request.app.state.run_dir
+    try:
+        written = report.write_report(run_dir, request.path_params["day"])
+    except ValueError as err:
+        return _error(404 if "no records" in str(err) else 400, str(err))
+    return JSONBody({"written": [str(p.relative_to(run_dir)) for p in written]})
+
+
+async def favicon(request: Request) -> Response:
+    return Response(status_code=204)
+
+
+ROUTES = [
+    Route("/", index),
+    Route("/favicon.ico", favicon),
+    Route("/api/snapshot", snapshot),
+    Route("/api/status", status),
+    Route("/api/stream", stream),
+    Route("/api/inspect", inspect),
+    Route("/api/incidents/{name}", incident),
+    Route("/api/reports", reports),
+    Route("/api/reports/{day}", write_report, methods=["POST"]),
+    Route("/reports/{day}", show_report),
+    Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
+]
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    """Read the whole run once before serving, then poll it every ``poll_interval`` seconds."""
+    hub: LiveHub = app.state.hub
+    hub.tick(initial=True)
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(app.state.poll_interval)
+            try:
+                hub.tick()
+            except Exception as err:  # keep serving whatever happens to the files
+                print(f"cpmbee live: reading {app.state.run_dir} failed: {err!r}")
+
+    task = asyncio.create_task(poll())
+    try:
+        yield
+    finally:
+        task.cancel()
+        hub.publish(None)
+
+
 def create_app(
     run_dir: str | os.PathLike,
     *,
     poll_interval: float = 1.0,
     stale_after_s: float = 60.0,
     max_points: int = 2000,
-    allowed_hosts: list[str] | None = None,
+    allowed_hosts: Iterable[str] | None = None,
 ) -> Starlette:
     """The dashboard app for one run directory (which need not contain anything yet).
 
-    ``allowed_hosts``: accepted ``Host`` headers (None: any). ``serve`` limits a loopback-bound server to
-    the loopback names, so a web page elsewhere cannot read the run through DNS rebinding.
+    ``allowed_hosts``: accepted ``Host`` names (None: any); ``serve`` limits a loopback-bound server to the
+    loopback names, so a web page elsewhere cannot read the run through DNS rebinding. Whatever the host,
+    a POST sent by a page of another origin is refused (403), so no web site can rewrite the reports.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run_dir: {run_dir} is not a directory")
     if poll_interval <= 0:
         raise ValueError(f"poll_interval: must be positive, got {poll_interval}")
-    hub = LiveHub(RunState(run_dir, stale_after_s=stale_after_s))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        hub.tick(initial=True)  # read the whole run once before serving
-
-        async def poll() -> None:
-            while True:
-                await asyncio.sleep(poll_interval)
-                try:
-                    hub.tick()
-                except Exception as err:  # keep serving whatever happens to the files
-                    print(f"cpmbee live: reading {run_dir} failed: {err!r}")
-
-        task = asyncio.create_task(poll())
-        try:
-            yield
-        finally:
-            task.cancel()
-            hub.publish(None)
-
-    async def index(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
-
-    async def snapshot(request: Request) -> Response:
-        try:
-            points = _int_param(request, "max_points", max_points, 10, 1_000_000)
-        except ValueError as err:
-            return _error(400, str(err))
-        return JSONResponse(hub.state.snapshot(points))
-
-    async def status(request: Request) -> Response:
-        return JSONResponse(hub.status_message(with_run=True))
-
-    async def stream(request: Request) -> Response:
-        try:
-            after = _int_param(request, "after", hub.state.seq, 0, 2**62)
-        except ValueError as err:
-            return _error(400, str(err))
-        queue = hub.subscribe()
-
-        async def events() -> AsyncIterator[str]:
-            sent = after
-            try:
-                yield "retry: 2000\n\n"
-                backlog = hub.state.records_after(after)
-                if backlog is None:
-                    yield _sse("reset", {"reason": f"records after {after} are no longer kept"})
-                    return
-                if backlog:
-                    sent = backlog[-1]["seq"]
-                    yield _sse(
-                        "records", jsonable({"seq": sent, "records": backlog, "eta": hub.state.eta()}), sent
-                    )
-                yield _sse("status", hub.status_message(with_run=True))
-                idle = 0.0
-                while not hub.closing:
-                    try:
-                        message = await asyncio.wait_for(queue.get(), timeout=1.0)
-                    except asyncio.TimeoutError:
-                        idle += 1.0
-                        if idle >= _HEARTBEAT_S:  # keeps proxies and the browser from timing out
-                            idle = 0.0
-                            yield ": ping\n\n"
-                        continue
-                    idle = 0.0
-                    if message is None:  # server shutting down
-                        return
-                    kind, data = message
-                    if kind == "records":
-                        fresh = [r for r in data["records"] if r["seq"] > sent]
-                        if not fresh:
-                            continue
-                        sent = fresh[-1]["seq"]
-                        data = {**data, "records": fresh}
-                        yield _sse(kind, data, sent)
-                    else:
-                        yield _sse(kind, data)
-            finally:
-                hub.unsubscribe(queue)
-
-        return StreamingResponse(
-            events(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
-    async def inspect(request: Request) -> Response:
-        stat = request.query_params.get("stat", "norm")
-        known = {s for stats in hub.state.inspect.values() for s in stats} | set(INSPECT_STATS)
-        if stat not in known:
-            return _error(400, f"stat: unknown statistic {stat!r}; one of {sorted(known)}")
-        try:
-            limit = _int_param(request, "limit", 16, 1, 200)
-            points = _int_param(request, "max_points", 500, 10, 100_000)
-            data = hub.state.inspect_series(
-                stat, request.query_params.get("groups") or None, limit=limit, max_points=points
-            )
-        except ValueError as err:
-            return _error(400, str(err))
-        return JSONResponse(data)
-
-    async def incident(request: Request) -> Response:
-        try:
-            return JSONResponse(hub.state.incident_detail(request.path_params["name"]))
-        except ValueError as err:
-            return _error(400, str(err))
-        except FileNotFoundError as err:
-            return _error(404, str(err))
-
-    async def reports(request: Request) -> Response:
-        days = sorted(set(report.available_days(run_dir)) | set(report.reported_days(run_dir)))
-        out = []
-        for day in days:
-            md_path, html_path = report.report_paths(run_dir, day)
-            out.append({"day": day, "markdown": md_path.is_file(), "html": html_path.is_file()})
-        return JSONResponse({"utc_offset_hours": report.run_offset(run_dir), "days": out})
-
-    async def show_report(request: Request) -> Response:
-        day = request.path_params["day"]
-        fmt = request.query_params.get("format", "html")
-        if fmt not in ("html", "md"):
-            return _error(400, f"format: expected html or md, got {fmt!r}")
-        try:
-            summary, text = report.build_report(run_dir, day)
-        except ValueError as err:
-            return _error(400, str(err))
-        if summary.empty and day not in report.reported_days(run_dir):
-            return _error(404, f"day: no records on {day}")
-        if fmt == "md":
-            return PlainTextResponse(text, media_type="text/markdown; charset=utf-8")
-        return HTMLResponse(report.render_html(text, f"Training log {day}: {summary.run_name}"))
-
-    async def write_report(request: Request) -> Response:
-        try:
-            written = report.write_report(run_dir, request.path_params["day"])
-        except ValueError as err:
-            return _error(404 if "no records" in str(err) else 400, str(err))
-        return JSONResponse({"written": [str(p.relative_to(run_dir)) for p in written]})
-
-    async def favicon(request: Request) -> Response:
-        return Response(status_code=204)
-
-    routes = [
-        Route("/", index),
-        Route("/favicon.ico", favicon),
-        Route("/api/snapshot", snapshot),
-        Route("/api/status", status),
-        Route("/api/stream", stream),
-        Route("/api/inspect", inspect),
-        Route("/api/incidents/{name}", incident),
-        Route("/api/reports", reports),
-        Route("/api/reports/{day}", write_report, methods=["POST"]),
-        Route("/reports/{day}", show_report),
-        Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
-    ]
-    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
-    app.state.hub = hub
+    guard = Middleware(RequestGuard, allowed_hosts=allowed_hosts, error_body=_guard_error)
+    app = Starlette(routes=ROUTES, lifespan=_lifespan, middleware=[guard])
+    app.state.hub = LiveHub(RunState(run_dir, stale_after_s=stale_after_s))
+    app.state.run_dir, app.state.poll_interval, app.state.max_points = run_dir, poll_interval, max_points
     return app
+
+
+def _guard_error(status: int, message: str, param: str) -> dict[str, Any]:
+    return {"error": message}
 
 
 def bind_socket(host: str, port: int, *, search: int = 0) -> socket.socket:
@@ -345,12 +361,11 @@ def serve(
         import uvicorn
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("The live dashboard needs uvicorn: pip install 'cpmbee[live]'") from err
-    loopback = host in LOOPBACK_HOSTS
     app = create_app(
         run_dir,
         poll_interval=poll_interval,
         stale_after_s=stale_after_s,
-        allowed_hosts=["127.0.0.1", "localhost", "[::1]"] if loopback else None,
+        allowed_hosts=allowed_hosts_for(host),
     )
     sock = bind_socket(host, port, search=search)
     bound_host, bound_port = sock.getsockname()[:2]
@@ -364,5 +379,7 @@ def serve(
             hub.closing = True  # end the event streams so shutdown does not wait for the pages
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3, access_log=False)
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=3, access_log=False, http=h11_protocol(10.0)
+    )
     _Server(config).run(sockets=[sock])

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import regex
 
 from ..train.metrics import RecordTailer
 
@@ -193,10 +194,10 @@ def downsample(columns: Mapping[str, Sequence[Any]], max_points: int) -> dict[st
         if key in _LAST_COLUMNS:
             out[key] = _to_list(col[last])
             continue
-        padded = np.full(rows * bucket, np.nan)
-        padded[:n] = col
-        padded[~np.isfinite(padded)] = np.nan
-        padded = padded.reshape(rows, bucket)
+        flat = np.full(rows * bucket, np.nan)
+        flat[:n] = col
+        flat[~np.isfinite(flat)] = np.nan
+        padded = flat.reshape(rows, bucket)
         counts = np.sum(~np.isnan(padded), axis=1)
         sums = np.nansum(padded, axis=1)
         out[key] = _to_list(np.divide(sums, counts, out=np.full(rows, np.nan), where=counts > 0))
@@ -234,20 +235,21 @@ def estimate_eta(
     if not len(steps):
         return out
     total_tokens, total_steps = plan.get("total_tokens"), plan.get("total_steps")
+    series: Sequence[float | None]
     if total_tokens and len(tokens_seen) and _present(tokens_seen[-1]):
         unit, series, total = "tokens", tokens_seen, float(total_tokens)
     elif total_steps:
         unit, series, total = "steps", steps, float(total_steps)
     else:
         return out
-    done = float(series[-1])
+    done = float(series[-1] or 0.0)  # present: checked above for tokens, steps are ints
     out.update(unit=unit, done=done, total=total, progress=min(done / total, 1.0) if total > 0 else None)
     start = len(times) - 1
     while start > 0 and times[start - 1] >= times[-1] - window_s and _present(series[start - 1]):
         start -= 1
     if start < len(times) - 1:
         elapsed = times[-1] - times[start]
-        advanced = done - float(series[start])
+        advanced = done - float(series[start] or 0.0)  # present: the loop stops before a gap
         if elapsed > 0 and advanced > 0:
             rate = advanced / elapsed
             out["rate"] = rate
@@ -402,7 +404,8 @@ class RunState:
         for key in TRAIN_FIELDS:
             value = record.get(key)
             train[key].append(value if type(value) in _NUMBER_TYPES else _NAN)
-        task_loss = record.get("task_loss") if isinstance(record.get("task_loss"), Mapping) else {}
+        given = record.get("task_loss")
+        task_loss: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
         for task in task_loss:
             if task not in self.task_loss:
                 self.task_loss[str(task)] = array("d", [_NAN]) * n
@@ -483,14 +486,11 @@ class RunState:
         for group, values in params.items():
             if not isinstance(values, Mapping):
                 continue
-            stats = self.inspect.get(group)
-            if stats is None:
-                stats = self.inspect[str(group)] = {}
+            stats = self.inspect.setdefault(str(group), {})
             for stat, value in values.items():
-                column = stats.get(stat)
-                if column is None:
-                    column = stats[str(stat)] = array("d", [_NAN]) * n
-                column.append(value if type(value) in _NUMBER_TYPES else _NAN)
+                if stat not in stats:
+                    stats[str(stat)] = array("d", [_NAN]) * n
+                stats[stat].append(value if type(value) in _NUMBER_TYPES else _NAN)
         for stats in self.inspect.values():  # groups/stats missing from this record
             for column in stats.values():
                 if len(column) == n:
@@ -543,15 +543,18 @@ class RunState:
         return {**sampled, "task_loss": tasks, "points": len(self.train["step"])}
 
     def inspect_series(
-        self, stat: str, pattern: str | None = None, *, limit: int = 16, max_points: int = 500
+        self,
+        stat: str,
+        pattern: str | None = None,
+        *,
+        limit: int = 16,
+        max_points: int = 500,
+        matched: list[str] | None = None,
     ) -> dict[str, Any]:
-        """History of one statistic for the groups whose name matches ``pattern`` (a regex; all when None),
-        at most ``limit`` groups (the first ones in name order). Raises ValueError on a bad pattern."""
-        try:
-            regex = re.compile(pattern) if pattern else None
-        except re.error as err:
-            raise ValueError(f"groups: not a valid regular expression: {err}") from err
-        names = sorted(g for g in self.inspect if regex is None or regex.search(g))
+        """History of one statistic for the groups whose name matches ``pattern`` (see ``match_groups``; all
+        when None), at most ``limit`` groups (the first ones in name order). Raises ValueError on a bad or
+        too slow pattern. ``matched``: the names matched already (``match_groups`` run elsewhere)."""
+        names = matched if matched is not None else match_groups(pattern, sorted(self.inspect))
         chosen = [g for g in names if stat in self.inspect[g]][:limit]
         columns: dict[str, Sequence[Any]] = {"step": self.inspect_steps}
         columns.update({g: self.inspect[g][stat] for g in chosen})
@@ -630,6 +633,38 @@ class RunState:
             from ..train.metrics import from_json_value
 
             return jsonable(from_json_value(json.load(f)))
+
+
+MAX_PATTERN = 500  # characters of a user's group pattern
+
+
+def match_groups(pattern: str | None, names: Sequence[str], *, timeout_s: float = 0.5) -> list[str]:
+    """The ``names`` in which the regular expression ``pattern`` finds a match (all when None or empty).
+
+    Patterns come from the dashboard's users, so they run on the ``regex`` engine with a time limit for
+    them all (a catastrophically backtracking pattern is refused instead of hanging the server) and
+    without holding the GIL (the dashboard runs this off its event loop). ValueError for an invalid,
+    too long or too slow pattern."""
+    if not pattern:
+        return list(names)
+    if len(pattern) > MAX_PATTERN:
+        raise ValueError(f"groups: a pattern of at most {MAX_PATTERN} characters, got {len(pattern)}")
+    try:
+        compiled = regex.compile(pattern)
+    except (regex.error, ValueError, OverflowError, RecursionError) as err:
+        raise ValueError(f"groups: not a valid regular expression: {err}") from None
+    deadline = time.monotonic() + timeout_s
+    out = []
+    for name in names:
+        try:
+            found = compiled.search(name, timeout=max(deadline - time.monotonic(), 0.0), concurrent=True)
+        except TimeoutError:
+            raise ValueError(
+                f"groups: the pattern takes longer than {timeout_s:g} s to match; simplify it"
+            ) from None
+        if found:
+            out.append(name)
+    return out
 
 
 def _stat_order(stat: str) -> tuple[int, str]:

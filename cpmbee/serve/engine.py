@@ -1,5 +1,10 @@
 """Dynamic batching: one worker thread owns the model and runs queued requests in batches.
 
+The HTTP side uses only this module's small interface, so the batching policy can change without touching
+it: ``Engine.submit(rows, options, stream, deadline)`` returns a ``Job`` whose ``events`` queue streams the
+results and whose ``cancel()`` stops it; ``alive``/``queue_depth``/``running``/``failure`` report health and
+``metrics`` the Prometheus series; ``start()``/``stop()`` run the worker.
+
 Requests (``Job``) wait in a bounded FIFO queue. The worker takes the oldest job, waits ``batch_wait_s`` for
 company, then also takes every queued job whose options are identical (up to ``max_batch_rows`` inputs in
 all) and answers them with one ``stream_generate`` call (``beam_size`` 1) or one ``generate`` call (beam
@@ -13,6 +18,11 @@ disconnects (``Job.cancel``), or when its deadline passes. A full queue refuses 
 Results travel back to the asyncio side through ``loop.call_soon_threadsafe`` into a per-job
 ``asyncio.Queue``: for streaming jobs text increments (``TextDelta``) and finished inputs (``RowDone``), then
 for every job one ``JobDone`` or ``JobFailed``.
+
+A job that raises fails alone: when a batch of several jobs fails, the jobs that had not received anything
+yet are run again one by one, so only the culprit gets the error. Should the worker thread itself ever die,
+``alive`` turns false (``/health`` answers 503), every waiting job fails and ``on_fatal`` is called, which
+the server uses to exit with a non-zero status so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -32,9 +42,11 @@ from typing import Any
 import torch
 
 from ..generation import GenerationOptions, generate, stream_generate
+from ..model import CpmBeeForCausalLM
+from ..tokenizer import CpmBeeTokenizer
 from .metrics import ServeMetrics
 
-__all__ = ["Engine", "Job", "JobDone", "JobFailed", "QueueFull", "RowDone", "TextDelta"]
+__all__ = ["Engine", "Job", "JobDone", "JobFailed", "QueueFull", "RowDone", "TextDelta", "options_key"]
 
 log = logging.getLogger("cpmbee.serve")
 
@@ -78,7 +90,17 @@ class JobFailed:
     error: BaseException
 
 
+Event = TextDelta | RowDone | JobDone | JobFailed
 _ids = itertools.count()
+
+
+def options_key(options: GenerationOptions) -> tuple[Any, ...]:
+    """A hashable key of ``options``: equal keys, equal options (plain values: nothing here can fail to
+    encode, whatever text a stop string holds)."""
+    return tuple(
+        (name, tuple(value) if isinstance(value, list) else value)
+        for name, value in options.model_dump().items()
+    )
 
 
 @dataclass(eq=False)
@@ -90,20 +112,20 @@ class Job:
     stream: bool
     deadline: float
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[TextDelta | RowDone | JobDone | JobFailed] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     submitted: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = field(default_factory=lambda: next(_ids))
+    started: bool = False  # an event has been sent: the job cannot be run again
+    discard: Callable[[Job], None] | None = None  # set by Engine.submit: drops the job from the queue
 
     @property
-    def batch_key(self) -> str:
+    def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys may share a batch."""
         opts = self.options
         if opts.do_sample and opts.seed is not None:
-            return f"seeded#{self.id}"
-        return opts.model_dump_json()
-
-    discard: Callable[[Job], None] | None = None  # set by Engine.submit: drops the job from the queue
+            return ("seeded", self.id)
+        return options_key(opts)
 
     def cancel(self) -> None:
         """Stop this job: dropped from the queue if it waits, abandoned at the next step if it runs."""
@@ -114,7 +136,8 @@ class Job:
     def should_stop(self) -> bool:
         return self.cancelled.is_set() or time.monotonic() > self.deadline
 
-    def push(self, item: TextDelta | RowDone | JobDone | JobFailed) -> None:
+    def push(self, item: Event) -> None:
+        self.started = True
         # a closed event loop (server shutting down) means nobody is listening
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -125,13 +148,14 @@ class Engine:
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        tokenizer: Any,
+        model: CpmBeeForCausalLM,
+        tokenizer: CpmBeeTokenizer,
         *,
         max_queue: int = 64,
         max_batch_rows: int = 16,
         batch_wait_s: float = 0.005,
         metrics: ServeMetrics | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
@@ -140,6 +164,10 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_queue, self.max_batch_rows, self.batch_wait_s = max_queue, max_batch_rows, batch_wait_s
         self.metrics = metrics or ServeMetrics()
+        self.on_fatal = on_fatal
+        """Called (from the worker thread) with the error that killed the worker."""
+        self.failure: BaseException | None = None
+        """What killed the worker, if it died."""
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -148,11 +176,16 @@ class Engine:
         self._batch_seconds = 1.0  # moving average, for Retry-After
         self._hook: Any = None  # the forward pre-hook counting passes and tokens, while started
 
+    @property
+    def segment_buckets(self) -> int:
+        """Relation buckets of the model: deeper inputs cannot be encoded for it."""
+        return self.model.config.position_bias_num_segment_buckets
+
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
-        self._stopping = False
+        self._stopping, self.failure = False, None
         if self._hook is None:
             self._hook = self.model.register_forward_pre_hook(self._count_forward, with_kwargs=True)
         self._thread = threading.Thread(target=self._work, name="cpmbee-serve-worker", daemon=True)
@@ -162,14 +195,10 @@ class Engine:
         """Cancel everything, fail the queued jobs and join the worker."""
         with self._cond:
             self._stopping = True
-            pending = list(self._queue)
-            self._queue.clear()
             for job in self._running:
                 job.cancel()
             self._cond.notify_all()
-        for job in pending:
-            job.push(JobFailed(RuntimeError("the server is shutting down")))
-        self.metrics.queue_depth.set(0)
+        self._fail_queued(RuntimeError("the server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout)
         if self._hook is not None:
@@ -178,7 +207,8 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        running = self._thread is not None and self._thread.is_alive()
+        return running and not self._stopping and self.failure is None
 
     @property
     def queue_depth(self) -> int:
@@ -189,8 +219,10 @@ class Engine:
         return len(self._running)
 
     # ------------------------------------------------------------------------------------------ submit
-    def submit(self, job: Job) -> Job:
-        """Queue ``job``; ``QueueFull`` when ``max_queue`` jobs already wait, RuntimeError when stopped."""
+    def submit(self, rows: list[Any], options: GenerationOptions, stream: bool, deadline: float) -> Job:
+        """Queue a job (call from the event loop that will read its events); ``QueueFull`` when
+        ``max_queue`` jobs already wait, RuntimeError when the worker is not running."""
+        job = Job(rows, options, stream, deadline=deadline, loop=asyncio.get_running_loop())
         with self._cond:
             if not self.alive:
                 raise RuntimeError("the generation worker is not running")
@@ -208,6 +240,14 @@ class Engine:
                 self._queue.remove(job)
                 self.metrics.queue_depth.set(len(self._queue))
 
+    def _fail_queued(self, error: BaseException) -> None:
+        with self._cond:
+            pending = list(self._queue)
+            self._queue.clear()
+        for job in pending:
+            job.push(JobFailed(error))
+        self.metrics.queue_depth.set(0)
+
     def retry_after(self) -> int:
         """Seconds until the queue has probably moved on by one batch."""
         return max(1, math.ceil(self._batch_seconds))
@@ -223,7 +263,9 @@ class Engine:
         if self.batch_wait_s > 0 and len(first.rows) < self.max_batch_rows:
             time.sleep(self.batch_wait_s)  # let requests sent together arrive together
         with self._cond:
-            key, rows, batch, rest = first.batch_key, 0, [], collections.deque()
+            key, rows = first.batch_key, 0
+            batch: list[Job] = []
+            rest: collections.deque[Job] = collections.deque()
             while self._queue:
                 job = self._queue.popleft()
                 if job.cancelled.is_set():  # its client left while it waited
@@ -240,28 +282,52 @@ class Engine:
         return batch
 
     def _work(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            if not batch:
-                continue
-            started = time.monotonic()
-            for job in batch:
-                self.metrics.queue_wait.observe(started - job.submitted)
-            try:
-                self._run_batch(batch)
-            except Exception as err:  # keep the worker alive; the batch's requests get the error
-                log.exception("generation failed for a batch of %d request(s)", len(batch))
+        try:
+            while (batch := self._take_batch()) is not None:
+                if batch:
+                    self._serve(batch)
+        except BaseException as err:  # a bug in the worker itself: report it, never hang the requests
+            self.failure = err
+            log.critical("the generation worker died", exc_info=err)
+            with self._cond:
+                running, self._running = self._running, []
+            for job in running:
+                job.push(JobFailed(err))
+            self._fail_queued(RuntimeError(f"the generation worker died: {err!r}"))
+            if self.on_fatal is not None:
+                self.on_fatal(err)
+
+    def _serve(self, batch: list[Job]) -> None:
+        """Run one batch, timing it; a failure fails only the jobs that caused it (see the module doc)."""
+        started = time.monotonic()
+        for job in batch:
+            self.metrics.queue_wait.observe(started - job.submitted)
+        try:
+            self._run_isolated(batch)
+        finally:
+            elapsed = time.monotonic() - started
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+            self.metrics.batch_seconds.observe(elapsed)
+            with self._cond:
+                self._running = []
+                self.metrics.running.set(0)
+
+    def _run_isolated(self, batch: list[Job]) -> None:
+        try:
+            self._run_batch(batch)
+        except Exception as err:
+            fresh = [job for job in batch if not job.started]
+            if len(batch) > 1 and fresh:  # find the culprit: the untouched jobs again, one at a time
+                log.warning("a batch of %d requests failed (%r); running them one by one", len(batch), err)
                 for job in batch:
-                    job.push(JobFailed(err))
-            finally:
-                elapsed = time.monotonic() - started
-                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
-                self.metrics.batch_seconds.observe(elapsed)
-                with self._cond:
-                    self._running = []
-                    self.metrics.running.set(0)
+                    if job.started:
+                        job.push(JobFailed(err))
+                for job in fresh:
+                    self._run_isolated([job])
+                return
+            log.exception("generation failed for a batch of %d request(s)", len(batch))
+            for job in batch:
+                job.push(JobFailed(err))
 
     def _run_batch(self, batch: list[Job]) -> None:
         rows: list[Any] = []

@@ -1,6 +1,8 @@
 """OpenAI-compatible adapters: completion prompts and chat conversations as CPM-Bee inputs, and back.
 
-A completion prompt ``p`` becomes ``{"input": p, "<ans>": ""}``. A conversation becomes::
+User text is literal: ``<`` is escaped (``cpmbee.tokenizer.escape``), so ``"is 1 < 2 ?"`` works and
+``"<mask_0>"`` in a message is text, not a control token. A completion prompt ``p`` becomes
+``{"input": escape(p), "<ans>": ""}``. A conversation becomes::
 
     {
       "system": "<every system/developer message, joined by newlines>",      # only if there is one
@@ -17,7 +19,7 @@ Sampling: ``temperature`` 0 is greedy, above 0 sampling with ``temperature``/``t
 extension); the ``beam_size`` extension (> 1, temperature 0, not streaming) is CPM-Bee's beam search.
 ``n`` > 1 answers each prompt ``n`` times as rows of one batch. Fields the model cannot honour
 (``logprobs``, ``echo``, penalties other than 0, ``logit_bias``, tools, ...) are refused with a 422 that
-names them rather than ignored.
+names them rather than ignored; fields that change nothing (``protocol.IGNORED_OPENAI_FIELDS``) are ignored.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ import uuid
 from typing import Any
 
 from ..generation import GenerationOptions
+from ..tokenizer import escape, unescape
 from .protocol import ApiError, ChatCompletionRequest, ChatMessage, CompletionRequest, Limits
 
 __all__ = [
+    "LiteralStream",
     "chat_chunk",
     "chat_response",
     "chat_rows",
@@ -38,6 +42,7 @@ __all__ = [
     "completion_rows",
     "conversation_to_cpmbee",
     "finish_reason",
+    "literal",
     "usage_chunk",
 ]
 
@@ -75,7 +80,9 @@ def _refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
             raise _invalid("tool_choice", "not supported")
 
 
-def sampling_options(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, limits: Limits):
+def sampling_options(
+    req: CompletionRequest | ChatCompletionRequest, max_tokens: int, limits: Limits
+) -> GenerationOptions:
     """The ``GenerationOptions`` of an OpenAI request; ApiError (422) naming the field otherwise."""
     _refuse_unsupported(req)
     max_name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
@@ -86,6 +93,7 @@ def sampling_options(req: CompletionRequest | ChatCompletionRequest, max_tokens:
         raise _invalid("stop", f"at most {MAX_STOP} stop strings, got {len(stop)}")
     if any(not s for s in stop):
         raise _invalid("stop", "stop strings must not be empty")
+    stop = [escape(s) for s in stop]  # matched against the answer as the model writes it
     if req.beam_size > limits.max_beam_size:
         raise _invalid("beam_size", f"at most {limits.max_beam_size} on this server")
     if req.beam_size > 1 and (req.temperature > 0 or req.stream or stop or req.min_tokens):
@@ -118,12 +126,13 @@ def completion_rows(req: CompletionRequest, limits: Limits) -> tuple[list[dict[s
         raise _invalid("prompt", "an empty list has nothing to complete")
     _check_rows(len(prompts), req.n, limits)
     options = sampling_options(req, req.max_tokens or 16, limits)
-    return [{"input": p, "<ans>": ""} for p in prompts for _ in range(req.n)], options
+    return [{"input": escape(p), "<ans>": ""} for p in prompts for _ in range(req.n)], options
 
 
 def _text(message: ChatMessage, index: int) -> str:
+    """The message's text, escaped for a CPM-Bee input."""
     if isinstance(message.content, str):
-        return message.content
+        return escape(message.content)
     parts = []
     for j, part in enumerate(message.content):
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -131,11 +140,11 @@ def _text(message: ChatMessage, index: int) -> str:
                 f"messages.{index}.content.{j}", "only {'type': 'text', 'text': '...'} parts are supported"
             )
         parts.append(part["text"])
-    return "".join(parts)
+    return escape("".join(parts))
 
 
 def conversation_to_cpmbee(messages: list[ChatMessage]) -> dict[str, Any]:
-    """The CPM-Bee input of a chat conversation (layout in the module docstring)."""
+    """The CPM-Bee input of a chat conversation (layout in the module docstring; texts escaped)."""
     if not messages or messages[-1].role != "user":
         raise _invalid(
             f"messages.{max(len(messages) - 1, 0)}.role", "the conversation must end with a user message"
@@ -169,8 +178,6 @@ def conversation_to_cpmbee(messages: list[ChatMessage]) -> dict[str, Any]:
 
 def chat_rows(req: ChatCompletionRequest, limits: Limits) -> tuple[list[dict[str, Any]], GenerationOptions]:
     _check_rows(1, req.n, limits)
-    if req.max_tokens and req.max_completion_tokens and req.max_tokens != req.max_completion_tokens:
-        raise _invalid("max_completion_tokens", "differs from max_tokens; give one of them")
     max_tokens = req.max_completion_tokens or req.max_tokens or min(256, limits.max_new_tokens)
     options = sampling_options(req, max_tokens, limits)
     data = conversation_to_cpmbee(req.messages)
@@ -178,6 +185,29 @@ def chat_rows(req: ChatCompletionRequest, limits: Limits) -> tuple[list[dict[str
 
 
 # -------------------------------------------------------------------------------------------------- responses
+def literal(answer: str) -> str:
+    """An answer as the model writes it (``<`` doubled) → the literal text an OpenAI client expects."""
+    return unescape(answer)
+
+
+class LiteralStream:
+    """``literal`` over a stream of increments of one answer: an increment ending in an unpaired ``<``
+    keeps it until the next one, so a ``<<`` cut between two increments still becomes one ``<``."""
+
+    def __init__(self) -> None:
+        self.pending = ""
+
+    def feed(self, text: str) -> str:
+        text = self.pending + text
+        unpaired = (len(text) - len(text.rstrip("<"))) % 2
+        self.pending = text[len(text) - unpaired :]
+        return unescape(text[: len(text) - unpaired])
+
+    def flush(self) -> str:
+        rest, self.pending = self.pending, ""
+        return rest
+
+
 def finish_reason(generated_tokens: int, max_new_tokens: int) -> str:
     """``"length"`` when the token budget ran out, else ``"stop"`` (``</s>`` or a stop string)."""
     return "length" if generated_tokens >= max_new_tokens else "stop"

@@ -1,6 +1,8 @@
 """Request bodies of the server (pydantic), the server's limits and the error format.
 
-Every body model forbids unknown fields, so a misspelt option is a 422 naming it rather than silently ignored.
+Every body model forbids unknown fields, so a misspelt option is a 422 naming it rather than silently ignored
+(the OpenAI bodies accept and ignore a documented list of harmless ones, ``IGNORED_OPENAI_FIELDS``). Types are
+strict (``"3"`` is not a number, ``"yes"`` not a boolean) and numbers finite.
 Errors use the OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` on every endpoint; ``param``
 is the dotted path of the offending field (``options.max_new_tokens``, ``messages.2.role``).
 """
@@ -16,6 +18,7 @@ from typing_extensions import TypeAliasType
 from ..generation import GenerationOptions
 
 __all__ = [
+    "IGNORED_OPENAI_FIELDS",
     "ApiError",
     "ChatCompletionRequest",
     "ChatMessage",
@@ -30,7 +33,7 @@ __all__ = [
 MAX_INPUT_DEPTH = 8  # nesting of a CPM-Bee input accepted by the server
 
 # A CPM-Bee input value: a string or a nested object of them (see docs/prompt-format.md).
-CpmBeeData = TypeAliasType("CpmBeeData", "str | dict[str, CpmBeeData]")  # type: ignore[misc]
+CpmBeeData = TypeAliasType("CpmBeeData", "str | dict[str, CpmBeeData]")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,10 @@ class Limits:
     """Inputs of one request (a ``/v1/generate`` list, or prompts × ``n``)."""
     max_beam_size: int = 8
     """Upper bound of ``beam_size``."""
+    body_timeout_s: float = 15.0
+    """A request body not received this long after the request arrived gets 408."""
+    max_buffered_bytes: int = 64 << 20
+    """Bytes of request bodies the server holds at once, all requests together (503 beyond)."""
 
 
 class ApiError(Exception):
@@ -70,13 +77,13 @@ class ApiError(Exception):
 
 def error_body(
     message: str, *, param: str | None = None, kind: str = "invalid_request_error", code: Any = None
-):
+) -> dict[str, Any]:
     """The JSON error object shared by every endpoint (OpenAI's layout)."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _check_value(value: Any, where: str, depth: int) -> None:
@@ -121,7 +128,7 @@ class GenerateRequest(_Body):
         examples=[{"input": "今天天气不错", "question": "天气怎么样？", "<ans>": ""}],
     )
     options: GenerationOptions = Field(
-        default_factory=GenerationOptions,
+        default_factory=GenerationOptions.parse,
         description="generation options (beam_size defaults to 3, or to 1 when streaming)",
     )
     stream: bool = Field(False, description="answer with Server-Sent Events as the text is generated")
@@ -133,21 +140,32 @@ class GenerateRequest(_Body):
 
 
 # ------------------------------------------------------------------------------------------------- OpenAI
+IGNORED_OPENAI_FIELDS = ("model", "user", "store", "metadata", "parallel_tool_calls", "service_tier")
+"""Accepted and ignored: they change nothing about the answer (the server has one model, stores nothing,
+has no tools and no tiers)."""
+
+INT64 = 2**63
+
+
 class _OpenAISampling(_Body):
     """Fields shared by the OpenAI-compatible endpoints (and the CPM-Bee extensions they accept)."""
 
     model: str | None = Field(None, description="ignored: the server has one model (see GET /v1/models)")
+    user: str | None = Field(None, description="ignored")
+    store: bool | None = Field(None, description="ignored: nothing is stored")
+    metadata: dict[str, str] | None = Field(None, description="ignored")
+    parallel_tool_calls: bool | None = Field(None, description="ignored: there are no tools")
+    service_tier: str | None = Field(None, description="ignored: there is one tier")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy, > 0 = sampling")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, description="choices per prompt (each a row of the same batch)")
     stream: bool = False
     stream_options: dict[str, bool] | None = Field(None, description="{'include_usage': true} adds usage")
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64, description="an int64")
     presence_penalty: float = Field(0.0, description="only 0 is supported")
     frequency_penalty: float = Field(0.0, description="only 0 is supported")
     logit_bias: dict[str, float] | None = Field(None, description="not supported (null or {})")
-    user: str | None = None
     # CPM-Bee extensions
     top_k: int = Field(0, ge=0, description="extension: sample among the k most likely tokens (0 = all)")
     repetition_penalty: float = Field(1.0, ge=1.0, description="extension: CTRL repetition penalty")
@@ -179,7 +197,9 @@ class ChatCompletionRequest(_OpenAISampling):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="generated tokens per choice")
-    max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens (newer name)")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="the newer name of max_tokens; wins when both are given"
+    )
     logprobs: bool = Field(False, description="not supported (false)")
     top_logprobs: int | None = Field(None, description="not supported (null)")
     response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")

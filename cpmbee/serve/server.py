@@ -7,19 +7,22 @@ import logging
 import os
 from typing import Any
 
-import torch
-
 from ..api import load_model_and_tokenizer
+from ..model import CpmBeeForCausalLM
+from ..web import h11_protocol
 from .engine import Engine
 from .metrics import ServeMetrics
 
-__all__ = ["LOOPBACK_HOSTS", "describe_model", "load_engine", "run_server"]
+__all__ = ["WorkerDied", "describe_model", "load_engine", "run_server"]
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 log = logging.getLogger("cpmbee.serve")
 
 
-def describe_model(model: torch.nn.Module) -> dict[str, Any]:
+class WorkerDied(RuntimeError):
+    """The generation worker died; ``run_server`` stopped the server (a supervisor should restart it)."""
+
+
+def describe_model(model: CpmBeeForCausalLM) -> dict[str, Any]:
     """Facts about a loaded model for ``/health``: parameters, dtype, placement and quantization."""
     params = list(model.parameters())
     device_map = getattr(model, "hf_device_map", None)
@@ -59,7 +62,8 @@ def load_engine(
         compile: ``torch.compile`` the decode step, and compile it now (one greedy and one beam request)
             so that no client waits for it.
     Returns:
-        The engine (not started) and the facts ``/health`` reports.
+        The engine (not started) and the facts ``/health`` and ``/v1/models`` report (``demo`` is true for
+        the embedded demo model).
     """
     if quantize is not None and memory_limit is not None:
         raise ValueError("quantize and memory_limit cannot be combined; pick one way to fit the model")
@@ -86,16 +90,48 @@ def load_engine(
         metrics=ServeMetrics(),
     )
     info = describe_model(model)
+    info["demo"] = model_path is None
     if memory_limit is not None:
         info["memory_limit"] = memory_limit
     return engine, info
 
 
-def run_server(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve ``app`` with uvicorn until interrupted."""
+def run_server(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    *,
+    header_timeout_s: float = 10.0,
+    max_connections: int | None = 1024,
+) -> None:
+    """Serve ``app`` (from ``create_app``) with uvicorn until interrupted.
+
+    A connection whose request line and headers take longer than ``header_timeout_s`` is closed; beyond
+    ``max_connections`` open connections new requests get 503. Should the generation worker die, the server
+    stops and ``WorkerDied`` is raised (``cpmbee serve`` then exits with status 1).
+    """
     try:
         import uvicorn
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("the server needs the `serve` extra: pip install 'cpmbee[serve]'") from err
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run()
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+        http=h11_protocol(header_timeout_s),
+        limit_concurrency=max_connections,
+    )
+    server = uvicorn.Server(config)
+    engine: Engine | None = getattr(getattr(app, "state", None), "engine", None)
+    if engine is not None:
+
+        def stop_serving(err: BaseException) -> None:
+            server.should_exit = True  # uvicorn's main loop polls it: a clean shutdown, then we report
+
+        engine.on_fatal = stop_serving
+    server.run()
+    if engine is not None and engine.failure is not None:
+        raise WorkerDied(f"the generation worker died: {engine.failure!r}") from engine.failure
