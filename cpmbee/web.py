@@ -4,16 +4,21 @@
   sent by a web page of another origin (cross-site request forgery);
 - ``json_bytes`` / ``JSONBody`` / ``sse_event``: JSON and Server-Sent Events that never fail on text that is
   not valid Unicode (a lone UTF-16 surrogate is written as its JSON escape ``\\udc00``);
-- ``h11_protocol``: uvicorn's HTTP/1.1 protocol with a time limit on a request's line and headers, so a
-  client that trickles them (slowloris) cannot hold a connection for ever.
+- ``sigterm_as_interrupt``: SIGTERM stops a command's server as Ctrl-C does (a clean exit);
+- ``uvicorn_config``: uvicorn's configuration with an HTTP/1.1 protocol that limits the time a request's
+  line and headers may take (``h11_protocol``), so a client that trickles them (slowloris) cannot hold a
+  connection for ever.
 
-Needs Starlette (both the ``serve`` and the ``live`` extras have it); uvicorn only for ``h11_protocol``.
+Needs Starlette (both the ``serve`` and the ``live`` extras have it); uvicorn only for ``uvicorn_config``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+import signal
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,7 +33,9 @@ __all__ = [
     "h11_protocol",
     "json_bytes",
     "send_json",
+    "sigterm_as_interrupt",
     "sse_event",
+    "uvicorn_config",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -181,3 +188,30 @@ def h11_protocol(header_timeout_s: float) -> type:
             super().connection_lost(exc)
 
     return TimedH11Protocol
+
+
+def uvicorn_config(app: Any, *, header_timeout_s: float = 10.0, **options: Any) -> Any:
+    """``uvicorn.Config(app, **options)`` speaking HTTP/1.1 through ``h11_protocol(header_timeout_s)``."""
+    import uvicorn
+
+    return uvicorn.Config(app, http=h11_protocol(header_timeout_s), **options)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within this block SIGTERM ends like Ctrl-C. uvicorn shuts down gracefully on either signal and then
+    raises it again for the previous handler: SIGINT arrives as ``KeyboardInterrupt``, and so, with this,
+    does SIGTERM (what ``timeout``, systemd and Kubernetes send), which the commands treat as a clean stop
+    instead of dying by the signal. Only in the main thread (elsewhere signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

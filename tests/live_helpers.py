@@ -254,17 +254,22 @@ def append_live_steps(run_dir: str | os.PathLike, first: int, count: int, *, off
 class LiveServer:
     """``cpmbee live``'s app served by uvicorn on a free loopback port in a background thread."""
 
-    def __init__(self, run_dir: str | os.PathLike, *, poll_interval: float = 0.1) -> None:
+    def __init__(
+        self, run_dir: str | os.PathLike, *, poll_interval: float = 0.1, header_timeout_s: float = 10.0
+    ) -> None:
         import threading
 
         import uvicorn
 
         from cpmbee.live.server import bind_socket, create_app
+        from cpmbee.web import uvicorn_config
 
         self.app = create_app(run_dir, poll_interval=poll_interval)
         self.sock = bind_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=1)
+        config = uvicorn_config(
+            self.app, header_timeout_s=header_timeout_s, log_level="warning", timeout_graceful_shutdown=1
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

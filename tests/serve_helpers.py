@@ -1,6 +1,6 @@
-"""Helpers of the server tests: a tiny random model, a gate that holds the worker inside a forward pass,
-SSE parsing and a real uvicorn server on loopback (for client disconnects, which the in-process client
-cannot produce)."""
+"""Helpers of the server tests: a tiny random model, an in-process client, a gate that holds the worker
+inside a forward pass, SSE parsing, a real uvicorn server on loopback (for client disconnects and malformed
+HTTP, which the in-process client cannot produce) and raw-socket requests."""
 
 from __future__ import annotations
 
@@ -17,6 +17,65 @@ import torch
 from cpmbee import CpmBeeForCausalLM
 
 from .conftest import random_weights_, tiny_config
+
+
+@contextlib.contextmanager
+def serving(model: Any, tokenizer: Any, **kwargs: Any) -> Iterator[Any]:
+    """An in-process ``TestClient`` of ``create_app`` around a new ``Engine``; ``client.engine`` is the engine.
+    Engine options (``max_queue``, ``max_batch_rows``, ``batch_wait_s``) and ``create_app``'s mix in
+    ``kwargs``."""
+    from fastapi.testclient import TestClient
+
+    from cpmbee.serve import Engine, create_app
+
+    engine_kwargs = {k: kwargs.pop(k) for k in ("max_queue", "max_batch_rows", "batch_wait_s") if k in kwargs}
+    engine = Engine(model, tokenizer, **engine_kwargs)
+    with TestClient(create_app(engine, **kwargs)) as client:
+        client.engine = engine
+        yield client
+
+
+def post_json(client: Any, path: str, body: Any, **kwargs: Any) -> Any:
+    """POST ``body`` as JSON written by Python's ``json.dumps`` (lone surrogates become ``\\udXXX`` escapes,
+    NaN/infinity the ``NaN``/``Infinity`` literals Python's parser takes), which httpx's encoder refuses."""
+    headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+    return client.post(path, content=json.dumps(body).encode(), headers=headers, **kwargs)
+
+
+def raw_http(url: str, data: bytes, *, timeout: float = 10.0, then_close: bool = False) -> bytes:
+    """Send ``data`` on a new TCP connection to the server at ``url``; the bytes of the first response
+    (read to its ``Content-Length``, or until the server closes or ``timeout`` passes), ``b""`` when the
+    server closed without answering. ``then_close`` closes the sending side once ``data`` is sent."""
+    host, port = url.removeprefix("http://").split(":")
+    deadline = time.monotonic() + timeout
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        if then_close:
+            sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while time.monotonic() < deadline:
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            received += chunk
+            head, sep, body = received.partition(b"\r\n\r\n")
+            if sep:
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length" and len(body) >= int(value):
+                        return received
+        return received
+
+
+def http_status(response: bytes) -> int | None:
+    """The status code of a raw HTTP response (None when there is none)."""
+    if not response.startswith(b"HTTP/"):
+        return None
+    return int(response.split(b" ", 2)[1])
 
 
 def tiny_model(tokenizer: Any, seed: int = 0, **overrides: Any) -> CpmBeeForCausalLM:
@@ -73,12 +132,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(app: Any) -> Iterator[str]:
-    """Run ``app`` under uvicorn in a thread on a free loopback port; yields the base URL."""
+def live_server(app: Any, **options: Any) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a thread on a free loopback port, configured as ``cpmbee serve`` and
+    ``cpmbee live`` configure it (``cpmbee.web.uvicorn_config``; ``options`` go there); yields the base URL."""
     import uvicorn
 
+    from cpmbee.web import uvicorn_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, log_level="warning", **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

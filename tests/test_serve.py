@@ -3,25 +3,22 @@ batching, back-pressure, timeouts, auth and limits."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 
 pytest.importorskip("fastapi", reason="the server tests need the `serve` extra")
 pytest.importorskip("prometheus_client", reason="the server tests need the `serve` extra")
 
-from fastapi.testclient import TestClient
 
 from cpmbee.generation import generate
-from cpmbee.serve import Engine, Limits, create_app
+from cpmbee.serve import Limits
 from cpmbee.serve.openai import conversation_to_cpmbee
 from cpmbee.serve.protocol import ChatMessage
 
-from .serve_helpers import Gate, metric, parse_sse, tiny_model
+from .serve_helpers import Gate, metric, parse_sse, serving, tiny_model
 
 PROMPT = {"input": "今天天气不错", "question": "the", "<ans>": ""}
 TWO_SLOTS = {"input": "the question", "<ans>": {"a": "", "b": ""}}
@@ -30,15 +27,6 @@ TWO_SLOTS = {"input": "the question", "<ans>": {"a": "", "b": ""}}
 @pytest.fixture(scope="module")
 def model(tiny_tokenizer):
     return tiny_model(tiny_tokenizer)
-
-
-@contextlib.contextmanager
-def serving(model, tokenizer, **kwargs: Any):
-    engine_kwargs = {k: kwargs.pop(k) for k in ("max_queue", "max_batch_rows", "batch_wait_s") if k in kwargs}
-    engine = Engine(model, tokenizer, **engine_kwargs)
-    with TestClient(create_app(engine, **kwargs)) as client:
-        client.engine = engine
-        yield client
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""The server under a real uvicorn on loopback (client disconnects), a schema fuzz with no 5xx, loading with
-``--memory-limit`` (disk offload gives the same answers) and the ``cpmbee serve`` command."""
+"""The server under a real uvicorn on loopback (client disconnects), loading with ``--memory-limit`` (disk
+offload gives the same answers) and the ``cpmbee serve`` command. The fuzzing is in test_serve_fuzz.py."""
 
 from __future__ import annotations
 
@@ -89,32 +89,6 @@ def test_non_streaming_disconnect_cancels_queued_and_running_work(model, tiny_to
 def _give_up(url: str, body: dict, after_s: float) -> None:
     with httpx.Client(base_url=url, timeout=after_s) as client, pytest.raises(httpx.ReadTimeout):
         client.post("/v1/generate", json=body)
-
-
-def test_schema_fuzz_never_answers_5xx(model, tiny_tokenizer):
-    schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, given, settings
-
-    engine = Engine(model, tiny_tokenizer, batch_wait_s=0)
-    app = create_app(engine, limits=Limits(max_new_tokens=8, max_rows=4), request_timeout_s=10)
-    engine.start()
-    try:
-        schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-        failures = []
-        for operation in schema.get_all_operations():
-            op = operation.ok()
-
-            @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-            @given(case=op.as_strategy())
-            def check(case):
-                response = case.call()
-                if response.status_code >= 500:
-                    failures.append((case.method, case.path, case.body, response.status_code, response.text))
-
-            check()
-    finally:
-        engine.stop()
-    assert not failures, failures[:3]
 
 
 def test_memory_limit_disk_offload_gives_the_same_answers(model, tiny_tokenizer, tmp_path):

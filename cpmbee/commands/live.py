@@ -49,6 +49,7 @@ def live(run_dir: str, host: str, port: int | None, poll_interval: float, stale_
     """
     try:
         from ..live.server import DEFAULT_PORT, serve
+        from ..web import sigterm_as_interrupt
     except ImportError as err:
         raise click.ClickException(str(err)) from err
 
@@ -56,16 +57,17 @@ def live(run_dir: str, host: str, port: int | None, poll_interval: float, stale_
         click.echo(f"cpmbee live: watching {run_dir} at {url}  (Ctrl-C to stop)", err=True)
 
     try:
-        serve(
-            run_dir,
-            host=host,
-            port=DEFAULT_PORT if port is None else port,
-            search=20 if port is None else 0,
-            poll_interval=poll_interval,
-            stale_after_s=stale_after,
-            on_ready=ready,
-        )
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled once it has shut down
+        with sigterm_as_interrupt():
+            serve(
+                run_dir,
+                host=host,
+                port=DEFAULT_PORT if port is None else port,
+                search=20 if port is None else 0,
+                poll_interval=poll_interval,
+                stale_after_s=stale_after,
+                on_ready=ready,
+            )
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C (or SIGTERM) it handled once it has shut down
         pass
     except (OSError, ValueError) as err:
         raise click.ClickException(str(err)) from err

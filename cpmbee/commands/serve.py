@@ -157,7 +157,7 @@ def serve(
     try:
         from ..serve import Limits, create_app, load_engine, run_server
         from ..serve.server import WorkerDied
-        from ..web import LOOPBACK_HOSTS, allowed_hosts_for
+        from ..web import LOOPBACK_HOSTS, allowed_hosts_for, sigterm_as_interrupt
     except ImportError as err:
         raise click.ClickException(str(err)) from err
     if host not in LOOPBACK_HOSTS and not api_key:
@@ -213,6 +213,10 @@ def serve(
         err=True,
     )
     try:
-        run_server(app, host=host, port=port, log_level=log_level)
+        with sigterm_as_interrupt():
+            run_server(app, host=host, port=port, log_level=log_level)
     except WorkerDied as err:
         raise click.ClickException(f"{err}; stopped (restart the server)") from err
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C (or SIGTERM) it handled once it has shut down
+        pass
+    click.echo("cpmbee serve: stopped", err=True)

@@ -44,7 +44,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "The live dashboard needs the `live` extra (Starlette, uvicorn, markdown): pip install 'cpmbee[live]'"
     ) from err
 
-from ..web import JSONBody, RequestGuard, allowed_hosts_for, h11_protocol, sse_event
+from ..web import JSONBody, RequestGuard, allowed_hosts_for, sse_event, uvicorn_config
 from . import report
 from .state import INSPECT_STATS, RunState, jsonable, match_groups
 
@@ -379,7 +379,5 @@ def serve(
             hub.closing = True  # end the event streams so shutdown does not wait for the pages
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(
-        app, log_level="warning", timeout_graceful_shutdown=3, access_log=False, http=h11_protocol(10.0)
-    )
+    config = uvicorn_config(app, log_level="warning", timeout_graceful_shutdown=3, access_log=False)
     _Server(config).run(sockets=[sock])

@@ -64,7 +64,7 @@ TRAIN_FIELDS = (
 _LAST_COLUMNS = frozenset({"step", "time", "tokens_seen"})
 INSPECT_STATS = ("mean", "std", "max_abs", "norm", "grad_mean", "grad_std", "grad_max_abs", "grad_norm")
 RUN_STATES = ("running", "finished", "stopped", "crashed")
-_INCIDENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.json$")
+_INCIDENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.json$")  # a file name a system allows
 
 
 def parse_time(value: Any) -> float | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..api import load_model_and_tokenizer
 from ..model import CpmBeeForCausalLM
-from ..web import h11_protocol
+from ..web import uvicorn_config
 from .engine import Engine
 from .metrics import ServeMetrics
 
@@ -115,13 +115,13 @@ def run_server(
         import uvicorn
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("the server needs the `serve` extra: pip install 'cpmbee[serve]'") from err
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        header_timeout_s=header_timeout_s,
         host=host,
         port=port,
         log_level=log_level,
         timeout_graceful_shutdown=5,
-        http=h11_protocol(header_timeout_s),
         limit_concurrency=max_connections,
     )
     server = uvicorn.Server(config)

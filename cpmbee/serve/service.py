@@ -1,5 +1,7 @@
 """What the endpoints do between a validated body and the engine: input checks, submission, waiting,
-SSE streams, and the OpenAI response shapes. ``app.py`` only routes requests here.
+SSE streams, and the OpenAI response shapes. ``app.py`` only routes requests here. Answers are
+``JSONBody`` responses: text that is not valid Unicode (a lone surrogate sent as ``\\udc00``) comes back
+escaped the same way.
 
 Every request has one deadline, ``request_timeout_s`` after it was routed: encoding its prompts (off the
 event loop, refused as soon as a prompt is longer than ``Limits.max_input_tokens``), its wait in the queue
@@ -20,7 +22,7 @@ from fastapi.responses import StreamingResponse
 
 from ..generation import GenerationOptions
 from ..prompt import PromptTooLong, encode_prompt
-from ..web import SSE_DONE, sse_event
+from ..web import SSE_DONE, JSONBody, sse_event
 from . import openai
 from .engine import Engine, Job, JobDone, JobFailed, QueueFull, RowDone, TextDelta
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, GenerateRequest, Limits
@@ -190,7 +192,7 @@ class Service:
         job = self.submit(rows, opts, body.stream, deadline)
         if not body.stream:
             done = await self.wait(job, request)
-            return {"output": done.results[0] if single else done.results}
+            return JSONBody({"output": done.results[0] if single else done.results})
 
         def frames(item: Any) -> list[bytes]:
             if isinstance(item, TextDelta):
@@ -241,7 +243,9 @@ class Service:
             used = [self.count_tokens(a) for a in answers]
             reasons = [openai.finish_reason(u, opts.max_new_tokens) for u in used]
             build = openai.chat_response if chat else openai.completion_response
-            return build(rid, model, [openai.literal(a) for a in answers], reasons, usage(sum(used)))
+            return JSONBody(
+                build(rid, model, [openai.literal(a) for a in answers], reasons, usage(sum(used)))
+            )
 
         used_total = 0
         include_usage = bool((body.stream_options or {}).get("include_usage"))
