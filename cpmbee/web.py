@@ -5,11 +5,11 @@
 - ``json_bytes`` / ``JSONBody`` / ``sse_event``: JSON and Server-Sent Events that never fail on text that is
   not valid Unicode (a lone UTF-16 surrogate is written as its JSON escape ``\\udc00``);
 - ``sigterm_as_interrupt``: SIGTERM stops a command's server as Ctrl-C does (a clean exit);
-- ``uvicorn_config``: uvicorn's configuration with an HTTP/1.1 protocol that limits the time a request's
-  line and headers may take (``h11_protocol``), so a client that trickles them (slowloris) cannot hold a
-  connection for ever.
+- ``uvicorn_server``: a uvicorn server whose HTTP/1.1 protocol limits the time a request's line and
+  headers may take (``h11_protocol``), so a client that trickles them (slowloris) cannot hold a connection
+  for ever.
 
-Needs Starlette (both the ``serve`` and the ``live`` extras have it); uvicorn only for ``uvicorn_config``.
+Needs Starlette (both the ``serve`` and the ``live`` extras have it); uvicorn only for ``uvicorn_server``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ __all__ = [
     "send_json",
     "sigterm_as_interrupt",
     "sse_event",
-    "uvicorn_config",
+    "uvicorn_server",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -190,11 +190,24 @@ def h11_protocol(header_timeout_s: float) -> type:
     return TimedH11Protocol
 
 
-def uvicorn_config(app: Any, *, header_timeout_s: float = 10.0, **options: Any) -> Any:
-    """``uvicorn.Config(app, **options)`` speaking HTTP/1.1 through ``h11_protocol(header_timeout_s)``."""
-    import uvicorn
+def uvicorn_server(
+    app: Any, *, header_timeout_s: float = 10.0, on_exit: Callable[[], None] | None = None, **options: Any
+) -> Any:
+    """``uvicorn.Server(uvicorn.Config(app, **options))`` speaking HTTP/1.1 through
+    ``h11_protocol(header_timeout_s)``; ``on_exit()`` runs when a shutdown signal arrives, before uvicorn
+    starts its graceful shutdown (to end long-lived streams, say)."""
+    try:
+        import uvicorn
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("serving needs uvicorn: pip install 'cpmbee[serve]' (or 'cpmbee[live]')") from err
 
-    return uvicorn.Config(app, http=h11_protocol(header_timeout_s), **options)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if on_exit is not None:
+                on_exit()
+            super().handle_exit(sig, frame)
+
+    return Server(uvicorn.Config(app, http=h11_protocol(header_timeout_s), **options))
 
 
 def _interrupt(signum: int, frame: Any) -> None:

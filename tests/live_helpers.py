@@ -252,40 +252,22 @@ def append_live_steps(run_dir: str | os.PathLike, first: int, count: int, *, off
 
 
 class LiveServer:
-    """``cpmbee live``'s app served by uvicorn on a free loopback port in a background thread."""
+    """``cpmbee live``'s app served by uvicorn on a free loopback port in a background thread (``url``)."""
 
     def __init__(
         self, run_dir: str | os.PathLike, *, poll_interval: float = 0.1, header_timeout_s: float = 10.0
     ) -> None:
-        import threading
+        from cpmbee.live.server import create_app
 
-        import uvicorn
-
-        from cpmbee.live.server import bind_socket, create_app
-        from cpmbee.web import uvicorn_config
+        from .serve_helpers import live_server
 
         self.app = create_app(run_dir, poll_interval=poll_interval)
-        self.sock = bind_socket("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn_config(
-            self.app, header_timeout_s=header_timeout_s, log_level="warning", timeout_graceful_shutdown=1
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self._serving = live_server(self.app, header_timeout_s=header_timeout_s)
 
     def __enter__(self) -> LiveServer:
-        import time as _time
-
-        self.thread.start()
-        deadline = _time.monotonic() + 20
-        while not self.server.started:
-            if _time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the live server did not start")
-            _time.sleep(0.02)
+        self.url = self._serving.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.app.state.hub.closing = True
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
+        self.app.state.hub.closing = True  # end the event streams, as a signal to `cpmbee live` does
+        self._serving.__exit__(*exc)

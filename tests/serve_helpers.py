@@ -134,13 +134,12 @@ def free_port() -> int:
 @contextlib.contextmanager
 def live_server(app: Any, **options: Any) -> Iterator[str]:
     """Run ``app`` under uvicorn in a thread on a free loopback port, configured as ``cpmbee serve`` and
-    ``cpmbee live`` configure it (``cpmbee.web.uvicorn_config``; ``options`` go there); yields the base URL."""
-    import uvicorn
-
-    from cpmbee.web import uvicorn_config
+    ``cpmbee live`` configure it (``cpmbee.web.uvicorn_server``; ``options`` go there); yields the base URL."""
+    from cpmbee.web import uvicorn_server
 
     port = free_port()
-    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, log_level="warning", **options))
+    options = {"log_level": "warning", "timeout_graceful_shutdown": 1, **options}
+    server = uvicorn_server(app, host="127.0.0.1", port=port, **options)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

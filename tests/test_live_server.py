@@ -184,8 +184,10 @@ def test_bind_socket_finds_a_free_port():
         taken.close()
 
 
-def test_cli_serves_and_stops_on_ctrl_c(run_dir):
-    """`cpmbee live RUN_DIR --port 0` as a user runs it: prints its URL, serves, exits on SIGINT."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_cli_serves_and_stops_on_a_signal(run_dir, stop):
+    """`cpmbee live RUN_DIR --port 0` as a user runs it: prints its URL, serves, and exits cleanly on Ctrl-C
+    or on the SIGTERM of `timeout`/systemd/Kubernetes (#13.3: a user's regex once kept it from stopping)."""
     import re
     import signal
     import subprocess
@@ -210,11 +212,13 @@ def test_cli_serves_and_stops_on_ctrl_c(run_dir):
                     assert time.monotonic() < deadline, "server did not answer"
                     time.sleep(0.2)
             assert status["run"]["name"] == "tiny-synthetic"
+            assert http.get("/api/inspect", params={"groups": "(.*.*)*="}).status_code in (200, 400)
             # an open event stream does not keep the server from stopping
             with http.stream("GET", "/api/stream") as stream:
                 next(stream.iter_lines())
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(getattr(signal, stop))
                 assert proc.wait(timeout=15) == 0
+        assert "stopped" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -44,7 +44,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "The live dashboard needs the `live` extra (Starlette, uvicorn, markdown): pip install 'cpmbee[live]'"
     ) from err
 
-from ..web import JSONBody, RequestGuard, allowed_hosts_for, sse_event, uvicorn_config
+from ..web import JSONBody, RequestGuard, allowed_hosts_for, sse_event, uvicorn_server
 from . import report
 from .state import INSPECT_STATS, RunState, jsonable, match_groups
 
@@ -357,10 +357,6 @@ def serve(
     on_ready: Any = None,
 ) -> None:
     """Serve the dashboard until interrupted. ``on_ready(url)`` is called once the socket listens."""
-    try:
-        import uvicorn
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("The live dashboard needs uvicorn: pip install 'cpmbee[live]'") from err
     app = create_app(
         run_dir,
         poll_interval=poll_interval,
@@ -374,10 +370,10 @@ def serve(
         on_ready(f"http://{shown}:{bound_port}/")
     hub: LiveHub = app.state.hub
 
-    class _Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            hub.closing = True  # end the event streams so shutdown does not wait for the pages
-            super().handle_exit(sig, frame)
+    def end_streams() -> None:
+        hub.closing = True  # end the event streams so shutdown does not wait for the pages
 
-    config = uvicorn_config(app, log_level="warning", timeout_graceful_shutdown=3, access_log=False)
-    _Server(config).run(sockets=[sock])
+    server = uvicorn_server(
+        app, on_exit=end_streams, log_level="warning", timeout_graceful_shutdown=3, access_log=False
+    )
+    server.run(sockets=[sock])

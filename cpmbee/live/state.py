@@ -426,12 +426,16 @@ class RunState:
             del column[cut:]
         self.nonfinite_steps = [s for s in self.nonfinite_steps if s < step]
         self.eval = [e for e in self.eval if e["step"] < step]
-        icut = bisect.bisect_left(self.inspect_steps, step)
-        del self.inspect_steps[icut:]
-        del self.inspect_time[icut:]
+        self._cut_inspect(step)
+
+    def _cut_inspect(self, step: int) -> None:
+        """Drop the parameter statistics at or after ``step``."""
+        cut = bisect.bisect_left(self.inspect_steps, step)
+        del self.inspect_steps[cut:]
+        del self.inspect_time[cut:]
         for stats in self.inspect.values():
             for column in stats.values():
-                del column[icut:]
+                del column[cut:]
 
     def _on_eval(self, record: dict[str, Any]) -> None:
         if isinstance(record.get("step"), int):
@@ -473,12 +477,7 @@ class RunState:
         if not isinstance(step, int) or not isinstance(params, Mapping):
             return
         if self.inspect_steps and step <= self.inspect_steps[-1]:
-            icut = bisect.bisect_left(self.inspect_steps, step)
-            del self.inspect_steps[icut:]
-            del self.inspect_time[icut:]
-            for stats in self.inspect.values():
-                for column in stats.values():
-                    del column[icut:]
+            self._cut_inspect(step)
         n = len(self.inspect_steps)
         self.inspect_steps.append(step)
         when = parse_time(record.get("time"))

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..api import load_model_and_tokenizer
 from ..model import CpmBeeForCausalLM
-from ..web import uvicorn_config
+from ..web import uvicorn_server
 from .engine import Engine
 from .metrics import ServeMetrics
 
@@ -111,11 +111,7 @@ def run_server(
     ``max_connections`` open connections new requests get 503. Should the generation worker die, the server
     stops and ``WorkerDied`` is raised (``cpmbee serve`` then exits with status 1).
     """
-    try:
-        import uvicorn
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("the server needs the `serve` extra: pip install 'cpmbee[serve]'") from err
-    config = uvicorn_config(
+    server = uvicorn_server(
         app,
         header_timeout_s=header_timeout_s,
         host=host,
@@ -124,7 +120,6 @@ def run_server(
         timeout_graceful_shutdown=5,
         limit_concurrency=max_connections,
     )
-    server = uvicorn.Server(config)
     engine: Engine | None = getattr(getattr(app, "state", None), "engine", None)
     if engine is not None:
 
