@@ -165,17 +165,20 @@ def _segment_relations(parents: Sequence[int], depths: Sequence[int], max_depth:
         if p >= 0:
             ancestors[i] = ancestors[p]
         ancestors[i, depth[i]] = i
-    shared = np.zeros((n, n), dtype=np.int16)  # depths at which a and b have the same ancestor
-    for d in range(height):
+    # int16 throughout (a dict nested 32k deep cannot be built: recursion limit), in place where possible
+    lca_depth = np.full((n, n), -1, dtype=np.int16)
+    for d in range(height):  # + 1 for every depth at which a and b have the same ancestor
         column = ancestors[:, d]
-        shared += (column[:, None] == column[None, :]) & (column >= 0)[:, None]
-    lca_depth = shared - 1
-    depth16 = depth.astype(np.int16)  # a dict nested 32k deep cannot be built (recursion limit)
-    up = np.minimum(depth16[:, None] - lca_depth, max_depth - 1)
-    down = np.minimum(depth16[None, :] - lca_depth, max_depth - 1)
-    bucket = up.astype(np.int32) * max_depth + down
-    bucket[bucket != 0] += 1
-    return bucket.reshape(-1)
+        lca_depth += (column[:, None] == column[None, :]) & (column >= 0)[:, None]
+    depth16 = depth.astype(np.int16)
+    bucket = depth16[:, None] - lca_depth  # up
+    np.minimum(bucket, max_depth - 1, out=bucket)
+    down = np.subtract(depth16[None, :], lca_depth, out=lca_depth)
+    np.minimum(down, max_depth - 1, out=down)
+    bucket *= max_depth
+    bucket += down
+    bucket += bucket != 0
+    return bucket.astype(np.int32).reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------------- samples

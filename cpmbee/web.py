@@ -5,6 +5,8 @@
 - ``json_bytes`` / ``JSONBody`` / ``sse_event``: JSON and Server-Sent Events that never fail on text that is
   not valid Unicode (a lone UTF-16 surrogate is written as its JSON escape ``\\udc00``);
 - ``sigterm_as_interrupt``: SIGTERM stops a command's server as Ctrl-C does (a clean exit);
+- ``bind_socket``: the listening socket, bound before the server starts, so a taken port is a clear
+  ``OSError`` (and ``cpmbee live`` can try the next ports);
 - ``uvicorn_server``: a uvicorn server whose HTTP/1.1 protocol limits the time a request's line and
   headers may take (``h11_protocol``), so a client that trickles them (slowloris) cannot hold a connection
   for ever.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import Any
@@ -30,6 +33,7 @@ __all__ = [
     "JSONBody",
     "RequestGuard",
     "allowed_hosts_for",
+    "bind_socket",
     "h11_protocol",
     "json_bytes",
     "send_json",
@@ -155,6 +159,28 @@ class RequestGuard:
 
 
 # ------------------------------------------------------------------------------------------------ uvicorn
+def bind_socket(host: str, port: int, *, search: int = 0) -> socket.socket:
+    """A listening TCP socket on ``host:port``; with ``search`` > 0 the next ports are tried when it is taken
+    (port 0 picks any free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    last: OSError | None = None
+    for candidate in range(port, port + search + 1) if port else [0]:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, candidate))
+        except OSError as err:
+            sock.close()
+            last = err
+            continue
+        sock.listen(2048)  # uvicorn's backlog
+        sock.set_inheritable(True)
+        return sock
+    raise OSError(
+        f"port: cannot listen on {host}:{port}" + (f"..{port + search}" if search else "") + f" ({last})"
+    )
+
+
 def h11_protocol(header_timeout_s: float) -> type:
     """uvicorn's h11 protocol class, closing a connection whose request line and headers are not complete
     ``header_timeout_s`` after it opened (or after its previous response). Bodies have their own limit in

@@ -3,6 +3,7 @@ offload gives the same answers) and the ``cpmbee serve`` command. The fuzzing is
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -122,9 +123,14 @@ def test_serve_command_help_and_errors(tmp_path):
         "--request-timeout",
     ):
         assert option in result.output
-    result = runner.invoke(cli, ["serve", "--model", str(tmp_path), "--memory-limit", "lots"])
+    serve = ["serve", "--port", "0", "--model", str(tmp_path)]
+    result = runner.invoke(cli, [*serve, "--memory-limit", "lots"])
     assert result.exit_code != 0 and "memory limit" in result.output
-    result = runner.invoke(
-        cli, ["serve", "--model", str(tmp_path), "--quantize", "int8", "--memory-limit", "1GiB"]
-    )
+    result = runner.invoke(cli, [*serve, "--quantize", "int8", "--memory-limit", "1GiB"])
     assert result.exit_code != 0 and "cannot be combined" in result.output
+    with socket.socket() as taken:  # a taken port is an error line at once, before the model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(cli, ["serve", "--model", str(tmp_path), "--port", str(port)])
+    assert result.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in result.output

@@ -16,7 +16,9 @@ import click
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default)."
 )
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free one)."
+)
 @click.option(
     "--api-key",
     envvar="CPMBEE_API_KEY",
@@ -157,7 +159,7 @@ def serve(
     try:
         from ..serve import Limits, create_app, load_engine, run_server
         from ..serve.server import WorkerDied
-        from ..web import LOOPBACK_HOSTS, allowed_hosts_for, sigterm_as_interrupt
+        from ..web import LOOPBACK_HOSTS, allowed_hosts_for, bind_socket, sigterm_as_interrupt
     except ImportError as err:
         raise click.ClickException(str(err)) from err
     if host not in LOOPBACK_HOSTS and not api_key:
@@ -166,6 +168,10 @@ def serve(
             "can use the model",
             err=True,
         )
+    try:
+        sock = bind_socket(host, port)  # first: a taken port should not wait for the model to load
+    except OSError as err:
+        raise click.ClickException(str(err)) from err
     try:
         engine, info = load_engine(
             model_path,
@@ -209,12 +215,12 @@ def serve(
         )
     click.echo(
         f"cpmbee serve: {model_name} ({info['parameters']:,} parameters, {info['dtype']}, "
-        f"{info['placement']}) on http://{host}:{port}/  (docs at /docs; Ctrl-C to stop)",
+        f"{info['placement']}) on http://{host}:{sock.getsockname()[1]}/  (docs at /docs; Ctrl-C to stop)",
         err=True,
     )
     try:
         with sigterm_as_interrupt():
-            run_server(app, host=host, port=port, log_level=log_level)
+            run_server(app, log_level=log_level, sock=sock)
     except WorkerDied as err:
         raise click.ClickException(f"{err}; stopped (restart the server)") from err
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C (or SIGTERM) it handled once it has shut down

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "The live dashboard needs the `live` extra (Starlette, uvicorn, markdown): pip install 'cpmbee[live]'"
     ) from err
 
-from ..web import JSONBody, RequestGuard, allowed_hosts_for, sse_event, uvicorn_server
+from ..web import JSONBody, RequestGuard, allowed_hosts_for, bind_socket, sse_event, uvicorn_server
 from . import report
 from .state import INSPECT_STATS, RunState, jsonable, match_groups
 
@@ -322,28 +321,6 @@ def create_app(
 
 def _guard_error(status: int, message: str, param: str) -> dict[str, Any]:
     return {"error": message}
-
-
-def bind_socket(host: str, port: int, *, search: int = 0) -> socket.socket:
-    """A listening TCP socket on ``host:port``; with ``search`` > 0 the next ports are tried when it is taken
-    (port 0 picks any free port)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    last: OSError | None = None
-    for candidate in range(port, port + search + 1) if port else [0]:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, candidate))
-        except OSError as err:
-            sock.close()
-            last = err
-            continue
-        sock.listen(128)
-        sock.set_inheritable(True)
-        return sock
-    raise OSError(
-        f"port: cannot listen on {host}:{port}" + (f"..{port + search}" if search else "") + f" ({last})"
-    )
 
 
 def serve(

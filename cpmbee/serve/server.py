@@ -5,11 +5,12 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import socket
 from typing import Any
 
 from ..api import load_model_and_tokenizer
 from ..model import CpmBeeForCausalLM
-from ..web import uvicorn_server
+from ..web import bind_socket, uvicorn_server
 from .engine import Engine
 from .metrics import ServeMetrics
 
@@ -104,18 +105,20 @@ def run_server(
     *,
     header_timeout_s: float = 10.0,
     max_connections: int | None = 1024,
+    sock: socket.socket | None = None,
 ) -> None:
     """Serve ``app`` (from ``create_app``) with uvicorn until interrupted.
 
     A connection whose request line and headers take longer than ``header_timeout_s`` is closed; beyond
-    ``max_connections`` open connections new requests get 503. Should the generation worker die, the server
-    stops and ``WorkerDied`` is raised (``cpmbee serve`` then exits with status 1).
+    ``max_connections`` open connections new requests get 503. ``OSError`` when ``host:port`` cannot be
+    listened on (``sock``: a socket already listening, from ``cpmbee.web.bind_socket``, instead of
+    ``host``/``port``). Should the generation worker die, the server stops and ``WorkerDied`` is raised
+    (``cpmbee serve`` then exits with status 1).
     """
+    sock = sock or bind_socket(host, port)
     server = uvicorn_server(
         app,
         header_timeout_s=header_timeout_s,
-        host=host,
-        port=port,
         log_level=log_level,
         timeout_graceful_shutdown=5,
         limit_concurrency=max_connections,
@@ -127,6 +130,9 @@ def run_server(
             server.should_exit = True  # uvicorn's main loop polls it: a clean shutdown, then we report
 
         engine.on_fatal = stop_serving
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     if engine is not None and engine.failure is not None:
         raise WorkerDied(f"the generation worker died: {engine.failure!r}") from engine.failure
