@@ -116,9 +116,10 @@ class RequestGuard:
     """Pure ASGI middleware refusing:
 
     - a ``Host`` header that is not one of ``allowed_hosts`` (when given): 400;
-    - a request other than GET/HEAD/OPTIONS that a browser sent from a page of another origin (its
-      ``Sec-Fetch-Site`` is ``cross-site``/``same-site``, or its ``Origin`` is not this server's): 403.
-      Clients that are not browsers (curl, SDKs) send neither header and pass.
+    - a request other than GET/HEAD/OPTIONS that a browser sent from a page of another origin: 403. The
+      browser says so in ``Sec-Fetch-Site`` (``cross-site``/``same-site``; a page cannot forge it, and it
+      stays right behind a reverse proxy that rewrites ``Host``); browsers too old to send it are judged by
+      ``Origin`` against ``Host``. Clients that are not browsers (curl, SDKs) send neither and pass.
 
     Errors are JSON bodies made by ``error_body(status, message, param)``.
     """
@@ -148,7 +149,9 @@ class RequestGuard:
     @staticmethod
     def _cross_origin(scope: Scope, host: str) -> str | None:
         site = _header(scope, b"sec-fetch-site")
-        if site is not None and site.lower() not in ("same-origin", "none"):
+        if site is not None:
+            if site.lower() in ("same-origin", "none"):
+                return None
             return f"Sec-Fetch-Site: {site}: requests from other web sites are refused"
         origin = _header(scope, b"origin")
         if origin is not None:

@@ -460,8 +460,15 @@ def test_cross_site_browser_posts_are_refused(client, headers):
     assert r.status_code == 403 and r.json()["error"]["param"] == "Origin"
 
 
-def test_same_origin_browser_posts_pass(client):
-    headers = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"},
+        {"Origin": "http://testserver"},  # a browser without Sec-Fetch-Site
+        {"Origin": "https://proxy.example", "Sec-Fetch-Site": "same-origin"},  # behind a reverse proxy
+    ],
+)
+def test_same_origin_browser_posts_pass(client, headers):
     r = client.post("/v1/generate", json={"input": PROMPT, "options": GREEDY}, headers=headers)
     assert r.status_code == 200
 
