@@ -38,6 +38,7 @@ from ..prompt import (
     make_training_batch,
 )
 from .jsonl import iter_jsonl
+from .shards import open_dataset
 
 __all__ = [
     "FinetuneCollator",
@@ -85,16 +86,23 @@ def normalize_samples(data: Any) -> list[Any]:
 
 
 def read_jsonl(path: str | os.PathLike, *, require_answer: bool = True) -> list[dict[str, Any]]:
-    """Read a JSONL file of CPM-Bee dicts; bad lines raise ``ValueError`` with the file and line number."""
+    """Read fine-tuning samples: a JSONL file of CPM-Bee dicts, or a dataset directory (``cpmbee
+    build-dataset`` shards, or the original CPM-Bee format read in place), records in stored order.
+    A bad sample raises ``ValueError`` naming the file and line (or record)."""
     path = Path(path)
-    if not path.is_file():
+    located: Iterator[tuple[str, Any]]
+    if path.is_dir():
+        located = open_dataset(path).iter_located()
+    elif path.is_file():
+        located = ((f"{path}:{number}", sample) for number, sample in iter_jsonl(path))
+    else:
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     samples: list[dict[str, Any]] = []
-    for number, sample in iter_jsonl(path):
+    for where, sample in located:
+        if not isinstance(sample, dict):
+            raise ValueError(f"{where}: expected a CPM-Bee dict, got {type(sample).__name__}")
         if require_answer and ANSWER_KEY not in sample:
-            raise ValueError(
-                f"{path}:{number}: no {ANSWER_KEY!r} key (a fine-tuning sample needs its answer)"
-            )
+            raise ValueError(f"{where}: no {ANSWER_KEY!r} key (a fine-tuning sample needs its answer)")
         samples.append(sample)
     if not samples:
         raise ValueError(f"{path}: no samples")
