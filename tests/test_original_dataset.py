@@ -374,6 +374,20 @@ def test_non_plain_records_are_refused(payload, message):
         decode_payload(payload)
 
 
+def test_every_protocol_of_plain_data_decodes_as_pickle_loads_would():
+    shared = ["shared", 1]
+    records = [
+        {"text": "今天天气不错" * 300, "n": [1, -2, 2**70, 1.5, True, None], "e": {}, "s": ""},
+        ["a", ("b", "c"), [shared, shared], {"k": "v" * 70000}],
+        "a plain string",
+        {f"key {i}": {"nested": [i, str(i)]} for i in range(300)},  # > 256 memo entries: LONG_BINPUT
+    ]
+    for record in records:
+        expected = json.loads(json.dumps(record))  # tuples as lists, as JSON has them
+        for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+            assert decode_payload(pickle.dumps(record, protocol=protocol)) == (expected, "pickle"), protocol
+
+
 def test_recursive_and_exploding_pickles_are_refused():
     loop: list = []
     loop.append(loop)

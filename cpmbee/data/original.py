@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "META",
     "OriginalDataset",
@@ -167,45 +169,98 @@ class PlainUnpickler(pickle.Unpickler):
         raise _Refused("it refers to an external (persistent) object; only plain data is accepted")
 
 
-_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+# How each opcode's argument is laid out, from pickletools' opcode descriptions: (argument size or
+# pickletools' code for a variable-length kind, is a memo put with an explicit index, is MEMOIZE, is STOP).
+_TWO_LINES = -9
+_OPCODES: list[tuple[int, bool, bool, bool] | None] = [None] * 256
+for _op in pickletools.opcodes:
+    _size = 0 if _op.arg is None else (_TWO_LINES if _op.arg.name == "stringnl_noescape_pair" else _op.arg.n)
+    _OPCODES[_op.code.encode("latin-1")[0]] = (
+        _size,
+        _op.name in ("PUT", "BINPUT", "LONG_BINPUT"),
+        _op.name == "MEMOIZE",
+        _op.name == "STOP",
+    )
+_INT4 = struct.Struct("<i")
+_UINT8 = struct.Struct("<Q")
 
 
 def _check_opcodes(payload: bytes) -> None:
-    """Refuse pickles whose memo indices are out of line before the C unpickler sees them: an index of
-    2**32 would make it allocate and clear a table of 32 GiB. Pickles written by ``pickle.dumps`` number
-    their memo entries 0, 1, 2, … in order."""
-    puts = 0
-    for op, arg, _ in pickletools.genops(payload):
-        if op.name in _MEMO_PUTS:
-            if not isinstance(arg, int) or arg > puts:
-                raise _Refused(f"memo index {arg} is out of sequence (a crafted pickle)")
+    """Walk the opcodes (skipping their arguments, decoding nothing) and refuse memo indices that are out
+    of line before the C unpickler sees them: an index of 2**32 would make it allocate and clear a table
+    of 32 GiB. ``pickle.dumps`` numbers memo entries 0, 1, 2, … in order (or uses MEMOIZE)."""
+    pos, puts, end = 0, 0, len(payload)
+    while pos < end:
+        entry = _OPCODES[payload[pos]]
+        if entry is None:
+            raise ValueError(f"unknown opcode 0x{payload[pos]:02x} at byte {pos}")
+        pos += 1
+        size, put, memoize, stop = entry
+        index = None
+        if size == 0:
+            if stop:
+                return
+            puts += memoize
+            continue
+        if size > 0:
+            if put:
+                index = int.from_bytes(payload[pos : pos + size], "little")
+            pos += size
+        elif size == pickletools.TAKEN_FROM_ARGUMENT1:
+            pos += 1 + payload[pos]
+        elif size == pickletools.TAKEN_FROM_ARGUMENT4U:
+            pos += 4 + _HEADER.unpack_from(payload, pos)[0]
+        elif size == pickletools.TAKEN_FROM_ARGUMENT4:
+            length = _INT4.unpack_from(payload, pos)[0]
+            if length < 0:
+                raise ValueError(f"negative length at byte {pos}")
+            pos += 4 + length
+        elif size == pickletools.TAKEN_FROM_ARGUMENT8U:
+            pos += 8 + _UINT8.unpack_from(payload, pos)[0]
+        elif size == pickletools.UP_TO_NEWLINE:
+            newline = payload.index(b"\n", pos)
+            if put:
+                index = int(payload[pos:newline])
+            pos = newline + 1
+        else:  # _TWO_LINES
+            pos = payload.index(b"\n", payload.index(b"\n", pos) + 1) + 1
+        if put:
+            if index is None or index > puts:
+                raise _Refused(f"memo index {index} is out of sequence (a crafted pickle)")
             puts += 1
-        elif op.name == "MEMOIZE":
-            puts += 1
+    raise ValueError("no STOP opcode (truncated)")
 
 
-def _check_plain(value: Any, budget: int) -> None:
-    """Raise unless ``value`` is plain data that JSON can hold; ``budget`` bounds the values visited (a
-    pickle can reference one list from many places, or from itself, and blow up when expanded)."""
+_LEAVES = frozenset({str, int, float, bool, type(None)})
+
+
+def _check_plain(value: Any, budget: int) -> bool:
+    """Raise unless ``value`` is plain data that JSON can hold; returns whether it holds tuples. ``budget``
+    bounds the values visited (a pickle can reference one list from many places, or from itself, and
+    blow up when expanded)."""
+    if type(value) in _LEAVES:
+        return False
     stack: list[tuple[Any, str]] = [(value, "")]
+    tuples = False
     while stack:
-        budget -= 1
-        if budget < 0:
-            raise UnsafeRecordError("it expands to too many values (a recursive or heavily shared structure)")
         item, where = stack.pop()
         kind = type(item)
-        if kind in (str, int, float, bool) or item is None:
-            continue
         if kind is dict:
+            budget -= 1 + len(item)
             for key, child in item.items():
                 if type(key) is not str:
                     raise UnsafeRecordError(
                         f"the dict at {where or 'the top'} has a {type(key).__name__} key {key!r};"
                         " records must be JSON (string keys)"
                     )
-                stack.append((child, f"{where}[{key!r}]"))
-        elif kind in (list, tuple):
-            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
+                if type(child) not in _LEAVES:
+                    stack.append((child, f"{where}[{key!r}]"))
+        elif kind is list or kind is tuple:
+            budget -= 1 + len(item)
+            tuples = tuples or kind is tuple
+            for i, child in enumerate(item):
+                if type(child) not in _LEAVES:
+                    stack.append((child, f"{where}[{i}]"))
         elif kind is bytes:
             raise UnsafeRecordError(
                 f"it holds bytes at {where or 'the top'}; records must be JSON (text, numbers, lists, dicts)"
@@ -214,10 +269,14 @@ def _check_plain(value: Any, budget: int) -> None:
             raise UnsafeRecordError(
                 f"it holds a {kind.__name__} at {where or 'the top'}; only plain data ({_PLAIN_TYPES}) is accepted"
             )
+        if budget < 0:
+            raise UnsafeRecordError("it expands to too many values (a recursive or heavily shared structure)")
+    return tuples
 
 
 def load_pickle(payload: bytes) -> Any:
-    """A pickled record as plain data, executing nothing (``ValueError`` says why a record is refused)."""
+    """A pickled record as a JSON value (tuples become lists), executing nothing; ``UnsafeRecordError``
+    for a refused record, ``ValueError`` for a malformed one."""
     try:
         _check_opcodes(payload)
         value = PlainUnpickler(io.BytesIO(payload)).load()
@@ -226,10 +285,10 @@ def load_pickle(payload: bytes) -> Any:
     except Exception as err:  # a malformed pickle: UnpicklingError, ValueError, EOFError, KeyError, ...
         raise ValueError(f"not a valid pickle ({type(err).__name__}: {err})") from None
     try:
-        _check_plain(value, budget=4 * len(payload) + 64)
+        tuples = _check_plain(value, budget=4 * len(payload) + 64)
     except UnsafeRecordError as err:
         raise UnsafeRecordError(f"refused pickle: {err}") from None
-    return value
+    return json.loads(json.dumps(value, ensure_ascii=False)) if tuples else value
 
 
 def decode_payload(payload: bytes) -> tuple[Any, str]:
@@ -239,7 +298,7 @@ def decode_payload(payload: bytes) -> tuple[Any, str]:
     payloads are read as JSON, then as an old-protocol pickle. Tuples become lists, as in JSON."""
     try:
         if payload[:1] == b"\x80":
-            return json.loads(json.dumps(load_pickle(payload))), "pickle"
+            return load_pickle(payload), "pickle"
         try:
             return json.loads(payload.decode("utf-8")), "json"
         except (UnicodeDecodeError, json.JSONDecodeError) as json_error:
@@ -254,7 +313,7 @@ def decode_payload(payload: bytes) -> tuple[Any, str]:
                     else json_error.msg
                 )
                 raise ValueError(f"neither JSON ({detail}) nor a pickle") from None
-            return json.loads(json.dumps(value)), "pickle"
+            return value, "pickle"
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
@@ -393,24 +452,25 @@ class OriginalDataset:
         while pos < end:
             mark = data[pos]
             if mark == END_MARK:
-                if data[pos:end].count(0) != end - pos:
+                if np.frombuffer(data, np.uint8, end - pos, pos).any():
                     raise ValueError(
                         f"{self._where(block)}: non-zero bytes after the end-of-block marker at byte {pos}"
                         " (corrupt file)"
                     )
                 break
-            where = f"{self._where(block, len(starts))} at byte {pos}"
             if mark != RECORD_MARK:
                 raise ValueError(
-                    f"{where}: found 0x{mark:02x} where a record (0x1f) or the end of the block (0x00)"
+                    f"{self._where(block, len(starts))} at byte {pos}: found 0x{mark:02x} where a record (0x1f) or the end of the block (0x00)"
                     " should start (corrupt file)"
                 )
             if pos + 5 > end:
-                raise ValueError(f"{where}: the record header runs past the end of the block (corrupt file)")
+                raise ValueError(
+                    f"{self._where(block, len(starts))} at byte {pos}: the record header runs past the end of the block (corrupt file)"
+                )
             (length,) = _HEADER.unpack_from(data, pos + 1)
             if pos + 5 + length > end:
                 raise ValueError(
-                    f"{where}: a record of {length} bytes runs past the end of the block"
+                    f"{self._where(block, len(starts))} at byte {pos}: a record of {length} bytes runs past the end of the block"
                     " (corrupt or truncated file)"
                 )
             starts.append(pos + 5)
@@ -471,8 +531,9 @@ class OriginalDataset:
         ``DIR/FILE: record N``, for messages about the record)."""
         for k, info in enumerate(self.files):
             if not info.mask:
+                path = self.directory / info.name
                 for n, (value, _) in enumerate(self.iter_file(k), start=1):
-                    yield f"{self.directory / info.name}: record {n}", value
+                    yield f"{path}: record {n}", value
 
     def __iter__(self) -> Iterator[Any]:
         """Every record of the unmasked files, in stored order."""
