@@ -499,3 +499,23 @@ def test_info_and_mixture_errors_are_clear(original, tmp_path):
         open_dataset(tmp_path)
     with pytest.raises(ValueError, match=r"original CPM-Bee format.*import-original"):
         read_index(original)
+
+
+def test_the_docs_commands_run_as_written(tmp_path, monkeypatch, expected):
+    """The commands of docs/datasets.md's "Coming from the original", in a fresh directory."""
+    import re
+    import shlex
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "datasets.md").read_text(encoding="utf-8")
+    section = text.split("## Coming from the original", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+    assert len(commands) == 3
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for argv in commands:
+        assert argv[0] == "cpmbee"
+        args = [a.replace("../shared", str(GOLDEN.parent)) for a in argv[1:]]
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 0, (argv, res.output)
+    assert list(Dataset(tmp_path / "data" / "ccpm-orig")) == all_records(expected) * 2

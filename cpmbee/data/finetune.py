@@ -103,10 +103,30 @@ def read_jsonl(path: str | os.PathLike, *, require_answer: bool = True) -> list[
             raise ValueError(f"{where}: expected a CPM-Bee dict, got {type(sample).__name__}")
         if require_answer and ANSWER_KEY not in sample:
             raise ValueError(f"{where}: no {ANSWER_KEY!r} key (a fine-tuning sample needs its answer)")
+        if require_answer and not _has_answer_slot(sample[ANSWER_KEY]):
+            raise ValueError(
+                f"{where}: {ANSWER_KEY!r} holds no answer text ({sample[ANSWER_KEY]!r}: nothing to learn);"
+                " give it a string, or a dict with at least one string"
+            )
         samples.append(sample)
     if not samples:
         raise ValueError(f"{path}: no samples")
     return samples
+
+
+def _has_answer_slot(answer: Any) -> bool:
+    """False for an answer made of dicts only (``{}``, ``{"a": {}}``): it encodes to no token to predict.
+    Other values are left to the encoder, which names a wrong type."""
+    if isinstance(answer, Mapping):
+        return any(_has_answer_slot(value) for value in answer.values())
+    return True
+
+
+def _check_learnable(enc: Any) -> None:
+    """A training sample must have a token to predict, or it adds 0 to the loss and counts as a perfect
+    answer (``<ans>: {}``)."""
+    if not (enc.context == 0).any():
+        raise ValueError(f"no answer tokens to learn ({ANSWER_KEY!r} is missing or holds no string)")
 
 
 # ---------------------------------------------------------------------------------------------------- truncation
@@ -208,6 +228,7 @@ def _encode_rows(
         index = first_index + offset
         try:
             enc = encode_sample(tokenizer, sample, max_depth=max_depth)
+            _check_learnable(enc)
             changed = len(enc) > max_length
             if changed:
                 if not truncation:
@@ -345,7 +366,9 @@ def scan_samples(tokenizer: Any, samples: list[Any], max_length: int, name: str)
     tokens = truncated = 0
     for i, sample in enumerate(samples):
         try:
-            n = len(encode_sample(tokenizer, sample))
+            enc = encode_sample(tokenizer, sample)
+            _check_learnable(enc)
+            n = len(enc)
             if n > max_length:
                 fit_to_length(tokenizer, sample, max_length, length=n)
                 truncated += 1

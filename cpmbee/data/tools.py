@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .jsonl import iter_text_lines
 from .original import META, OriginalDataset, encode_json
 from .shards import (
     _NAME,
@@ -51,20 +52,18 @@ def iter_jsonl_records(paths: Iterable[str | os.PathLike], *, text_key: str = "t
             else [path]
         )
         for file in files:
-            with open(file, encoding="utf-8") as f:
-                for line in f:
-                    line = line.rstrip("\r\n")
-                    if not line.strip():
+            for _, line in iter_text_lines(file):
+                if not line.strip():
+                    continue
+                if line.lstrip().startswith("{"):
+                    try:
+                        value = json.loads(line)
+                    except json.JSONDecodeError:
+                        value = None
+                    if isinstance(value, dict):
+                        yield value
                         continue
-                    if line.lstrip().startswith("{"):
-                        try:
-                            value = json.loads(line)
-                        except json.JSONDecodeError:
-                            value = None
-                        if isinstance(value, dict):
-                            yield value
-                            continue
-                    yield {text_key: line}
+                yield {text_key: line}
 
 
 def build_dataset(
