@@ -235,7 +235,7 @@ def load_model(
     if attn_implementation is not None:
         model.config._attn_implementation = attn_implementation
     if device is not None:
-        model.to(device)
+        model.to(torch.device(device))
     return model.eval()
 
 

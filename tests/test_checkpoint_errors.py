@@ -48,7 +48,7 @@ def _cli_error(args, expected):
     res = CliRunner().invoke(cli, args)
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
     errors = [line for line in lines if line.startswith("Error: ")]
     assert len(errors) == 1 and expected in errors[0], res.output
     return errors[0]
