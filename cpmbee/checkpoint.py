@@ -235,7 +235,7 @@ def load_model(
     if attn_implementation is not None:
         model.config._attn_implementation = attn_implementation
     if device is not None:
-        model.to(torch.device(device))
+        model.to(device)  # type: ignore[arg-type]  # transformers types `to` through a wrapper mypy misreads
     return model.eval()
 
 
