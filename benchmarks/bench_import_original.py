@@ -1,8 +1,8 @@
 """Speed of reading and importing the original CPM-Bee dataset format (``cpmbee dataset import-original``).
 
-Generates an original-format dataset of a realistic size (default 100,000 records, ~335 MB: a third
+Generates an original-format dataset of a realistic size (default 100,000 records, ~225 MB of records: a third
 ``{"text": ...}`` documents of 1-3k characters, the rest CPM-Bee choice dicts; 16 MiB blocks as the
-original's default; three pickled files and one JSON file), then measures, each ``--repeats`` times:
+original's default; three pickled files and one JSON file), then measures, ``--repeats`` rounds of the three interleaved (medians reported):
 
 * ``import``: ``cpmbee.data.tools.import_original`` into a fresh directory (decode, check, write shards);
 * ``read``: every record through ``OriginalDataset`` (framing checks + restricted decoding), no writing;
@@ -111,18 +111,19 @@ def main() -> None:
                     count += 1
             assert count == n
 
-        results = {}
-        for name, func in (("import", run_import), ("read", run_read), ("pickle.loads", run_plain)):
-            times = []
-            for i in range(args.repeats):
+        funcs = {"import": run_import, "read": run_read, "pickle.loads": run_plain}
+        times: dict[str, list[float]] = {name: [] for name in funcs}
+        for i in range(args.repeats):  # interleaved, so the three see the same machine load
+            for name, func in funcs.items():
                 t = time.perf_counter()
                 func(i)
-                times.append(time.perf_counter() - t)
-            median = statistics.median(times)
-            results[name] = median
+                times[name].append(time.perf_counter() - t)
+        results = {}
+        for name, runs in times.items():
+            median = results[name] = statistics.median(runs)
             print(
                 f"{name:>13}: median {median:6.2f} s of {args.repeats} "
-                f"({', '.join(f'{x:.2f}' for x in times)}): {n / median:9,.0f} records/s, {size / 1e6 / median:6.1f} MB/s"
+                f"({', '.join(f'{x:.2f}' for x in runs)}): {n / median:9,.0f} records/s, {size / 1e6 / median:6.1f} MB/s"
             )
         print(f"read / pickle.loads time: {results['read'] / results['pickle.loads']:.2f}x")
     finally:

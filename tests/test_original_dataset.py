@@ -90,6 +90,7 @@ def test_cursors_deal_blocks_and_cover_each_record_once_per_epoch(expected, stre
 
 
 def test_resume_in_the_middle_continues_exactly():
+    require_shared()
     cursor = BlockCursor(OriginalDataset(SHARED_DATASET), 1, 2, seed=11)
     read_all(cursor, 37)  # mid-block
     state = json.loads(json.dumps(cursor.state_dict()))

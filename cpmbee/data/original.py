@@ -51,7 +51,6 @@ __all__ = [
     "PlainUnpickler",
     "UnsafeRecordError",
     "decode_payload",
-    "is_original_dataset",
     "read_meta",
 ]
 
@@ -61,11 +60,6 @@ END_MARK = 0x00
 _HEADER = struct.Struct("<I")
 _PLAIN_TYPES = "dict, list, tuple, str, bytes, int, float, bool, None"
 _CACHED_BLOCKS = 8
-
-
-def is_original_dataset(directory: str | os.PathLike) -> bool:
-    """Whether ``directory`` looks like an original-format dataset (it has a ``meta.bin``)."""
-    return (Path(directory) / META).is_file()
 
 
 # ---------------------------------------------------------------------------------------------- meta.bin
@@ -326,8 +320,6 @@ class OriginalDataset:
     ``refresh``) is that of ``cpmbee.data.shards.Dataset``; ``BlockCursor`` reads either. A block's record
     offsets are found by walking its record headers the first time the block is read.
     """
-
-    kind = "original"
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)

@@ -259,8 +259,6 @@ class BlockSource(Protocol):
 class Dataset:
     """Random access to a dataset directory; ``refresh()`` picks up appended shards and mask changes."""
 
-    kind = "shards"
-
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
         self.shards: list[ShardInfo] = []
