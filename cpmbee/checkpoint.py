@@ -160,12 +160,12 @@ def find_config(path: str | os.PathLike) -> Path:
 
 
 def _count_nonfinite(tensor: torch.Tensor, chunk: int = 1 << 22) -> int:
-    """NaN/inf values of a floating tensor, checked in slices (no full-size temporary)."""
-    flat = tensor.reshape(-1)
+    """NaN/inf values of a floating tensor, in slices (no full-size temporary). A slice's sum is finite
+    unless it holds NaN/inf (or overflows), so only a slice whose sum is not finite is counted exactly."""
+    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     bad = 0
-    for start in range(0, flat.numel(), chunk):
-        part = flat[start : start + chunk]
-        if not torch.isfinite(part).all():
+    for part in tensor.reshape(-1).split(chunk):
+        if not torch.isfinite(part.sum(dtype=accumulate)):
             bad += int((~torch.isfinite(part)).sum())
     return bad
 
