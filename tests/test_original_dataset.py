@@ -210,19 +210,22 @@ def mixture(tmp_path):
     return tmp_path / "datasets.json"
 
 
-def test_mixture_and_pipeline_read_an_original_directory_and_resume_exactly(mixture, tokenizer):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mixture_and_pipeline_read_an_original_directory_and_resume_exactly(mixture, tokenizer, workers):
     from cpmbee.data.mixture import mixture_summary
-    from cpmbee.data.pipeline import DataPipeline
+    from cpmbee.data.pipeline import DataPipeline, gather_state
 
     assert mixture_summary(mixture)["records"] == {"mix.ccpm": 240}
-    options = {"max_length": 256, "batch_size": 2, "seed": 3}
+    options = {"max_length": 256, "batch_size": 2, "seed": 3, "num_workers": workers}
     pipe = DataPipeline(mixture, tokenizer, **options)
     for _ in range(4):
         next(pipe)
-    state = {"num_streams": 1, "per_rank": 1, "streams": [pipe.state_dict()["streams"][0]], "consumed": 4}
+    state = json.loads(json.dumps(gather_state([pipe.state_dict()], 1, pipe.per_rank)))
     expected = [next(pipe).batch.input_ids.tolist() for _ in range(6)]
-    again = DataPipeline(mixture, tokenizer, state=json.loads(json.dumps(state)), **options)
+    pipe.close()
+    again = DataPipeline(mixture, tokenizer, state=state, **options)
     assert [next(again).batch.input_ids.tolist() for _ in range(6)] == expected
+    again.close()
 
 
 def _pretrain_config(tmp_path, vocab_file, run_dir, max_steps):
