@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..files import copy_file_atomic
 from .shards import (
     DEFAULT_BLOCK_RECORDS,
     Dataset,
@@ -203,9 +204,7 @@ def merge_datasets(target: str | os.PathLike, sources: Iterable[str | os.PathLik
                 while name in taken or (target / f"{name}.rec").exists():
                     name, n = f"{info.name}-{n}", n + 1
                 for suffix in (".rec", ".idx"):
-                    tmp = target / f".merge-{os.getpid()}{suffix}"
-                    shutil.copyfile(source / f"{info.name}{suffix}", tmp)
-                    os.replace(tmp, target / f"{name}{suffix}")
+                    copy_file_atomic(source / f"{info.name}{suffix}", target / f"{name}{suffix}")
                 new = ShardInfo(name, info.records, info.bytes, info.block_records, info.mask)
                 write_index(target, [*shards, new])
                 added.append(new)
