@@ -21,8 +21,6 @@ import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from typing import Any
 import torch
 
 from .config import CpmBeeConfig
+from .files import atomic_directory, find_vocab
 from .model import CpmBeeForCausalLM
 
 __all__ = ["convert", "find_config", "load_model", "load_state_dict", "to_model_keys"]
@@ -239,31 +238,6 @@ def load_model(
     return model.eval()
 
 
-def _atomic_directory(dst: Path):
-    """Write into a temporary sibling directory and move it into place when complete."""
-
-    class _Ctx:
-        def __enter__(self) -> Path:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-            return self.tmp
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return
-            if dst.exists():
-                backup = dst.with_name(dst.name + ".old")
-                shutil.rmtree(backup, ignore_errors=True)
-                dst.rename(backup)
-                self.tmp.rename(dst)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                self.tmp.rename(dst)
-
-    return _Ctx()
-
-
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -282,13 +256,11 @@ def convert(
     from .tokenizer import CpmBeeTokenizer
 
     src, dst = Path(src), Path(dst)
-    vocab_path = Path(vocab) if vocab is not None else (src if src.is_dir() else src.parent) / "vocab.txt"
-    if not vocab_path.is_file():
-        raise FileNotFoundError(f"no vocab.txt at {vocab_path}: pass the vocabulary with --vocab / vocab=")
+    vocab_path = find_vocab(src, vocab)
     model = load_model(src, config=config, dtype=dtype)
     tokenizer = CpmBeeTokenizer(vocab_path)
     try:
-        with _atomic_directory(dst) as out:
+        with atomic_directory(dst) as out:
             model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
             tokenizer.save_pretrained(out)
     except OSError as err:  # a full disk, a quota, a read-only file system: dst is left as it was

@@ -18,9 +18,10 @@ from cpmbee import CpmBeeForCausalLM
 from cpmbee.checkpoint import load_model
 from cpmbee.data.finetune import FinetuneCollator, prepare_for_finetune
 from cpmbee.evaluation.likelihood import evaluate
+from cpmbee.generation import allowed_output_columns
 from cpmbee.train.finetune import FinetuneArgs, run_finetune
 from cpmbee.train.metrics import read_records
-from cpmbee.train.objective import AnswerObjective, allowed_columns
+from cpmbee.train.objective import AnswerObjective
 
 from .conftest import REPO_ROOT, random_weights_, tiny_config
 
@@ -203,7 +204,7 @@ def test_objective_and_evaluate_agree_with_the_model(tiny_tokenizer):
     torch.testing.assert_close(out["loss_sum"] / out["tokens"], full.loss, rtol=1e-5, atol=1e-5)
 
     # exact match = every answer position's best allowed column is the label
-    allowed = allowed_columns(batch, tiny_tokenizer.vocab_size, tiny_tokenizer.unk_id)
+    allowed = allowed_output_columns(batch, tiny_tokenizer.vocab_size, tiny_tokenizer.unk_id)
     scores = full.logits.masked_fill(~allowed[:, None, :], float("-inf"))
     labels = batch["labels"]
     expected_exact = [

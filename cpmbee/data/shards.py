@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..files import atomic_write
 from .original import META, OriginalDataset
 
 __all__ = [
@@ -95,14 +96,9 @@ def read_index(directory: str | os.PathLike) -> list[ShardInfo]:
 
 def write_index(directory: str | os.PathLike, shards: Sequence[ShardInfo]) -> None:
     """Replace the index atomically (readers see the old or the new one, never a torn file)."""
-    directory = Path(directory)
-    tmp = directory / f".{INDEX}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(Path(directory) / INDEX) as f:
         for s in shards:
             f.write(json.dumps(asdict(s), ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / INDEX)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..files import copy_file_atomic
 from .jsonl import iter_text_lines
 from .original import META, OriginalDataset, encode_json
 from .shards import (
@@ -211,9 +212,7 @@ def _add_shards(
                 if move:
                     os.replace(source / f"{info.name}{suffix}", target / f"{name}{suffix}")
                 else:
-                    tmp = target / f".merge-{os.getpid()}{suffix}"
-                    shutil.copyfile(source / f"{info.name}{suffix}", tmp)
-                    os.replace(tmp, target / f"{name}{suffix}")
+                    copy_file_atomic(source / f"{info.name}{suffix}", target / f"{name}{suffix}")
             added.append(ShardInfo(name, info.records, info.bytes, info.block_records, info.mask))
         write_index(target, [*existing, *added])
     return added
