@@ -238,6 +238,14 @@ def test_bad_options_and_data_are_reported(job, tmp_path):
         run_finetune(_args(job, tmp_path / "y", train=str(bad)))
 
 
+def test_a_set_with_nothing_to_learn_does_not_train(job, tmp_path):
+    """`<ans>: {}` samples have 0 labelled tokens: they once 'trained' at loss 0.0 with exact match 1.0."""
+    empty = _write(tmp_path / "empty.jsonl", [{"input": "a", "question": "is", "<ans>": {}}] * 8)
+    with pytest.raises(ValueError, match=r"empty.jsonl:1: '<ans>' holds no answer text"):
+        run_finetune(_args(job, tmp_path / "z", train=empty, eval=empty, max_steps=2))
+    assert not (tmp_path / "z" / "metrics").exists() or not _records(tmp_path / "z", "train")
+
+
 def test_restart_after_a_crash_is_an_incident(job, tmp_path):
     out = tmp_path / "crashy"
     run_finetune(_args(job, out, max_steps=3, stop_after_steps=1, eval_at_start=False, eval_every=5))
