@@ -5,7 +5,9 @@
 Writes a random checkpoint of the preset's shape (float16, original key names, ``torch.save``) once, then
 loads it in fresh subprocesses and reports each one's peak RSS (``VmHWM``) next to the file size:
 
-* ``cpmbee.checkpoint.load_model``: meta-device model + memory-mapped tensors assigned in place;
+* ``cpmbee.checkpoint.load_model``: meta-device model + memory-mapped tensors assigned in place, every
+  weight read once by the NaN/inf check (its pages stay mapped: file-backed, reclaimable memory);
+* ``load_model(check_finite=False)``: the same without that read;
 * naive: ``CpmBeeForCausalLM(config)`` in float16, then ``load_state_dict(torch.load(path))``.
 """
 
@@ -19,13 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
-import sys, torch
+import sys, time, torch
 sys.path.insert(0, {root!r})
 from cpmbee import CpmBeeConfig, CpmBeeForCausalLM
 from cpmbee.checkpoint import load_model
 path, method = {path!r}, {method!r}
-if method == "cpmbee":
-    model = load_model(path)
+start = time.perf_counter()
+if method.startswith("cpmbee"):
+    model = load_model(path, check_finite=method == "cpmbee")
 else:
     config = CpmBeeConfig.from_json_file({config!r})
     torch.set_default_dtype(torch.float16)
@@ -34,8 +37,9 @@ else:
     model.cpmbee.load_state_dict(state)
     del state
 n = sum(p.numel() for p in model.parameters())
-peak = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print(n, int(peak) * 1024)
+seconds = time.perf_counter() - start
+status = {{l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(("VmHWM", "RssAnon"))}}
+print(n, status["VmHWM"], status["RssAnon"], seconds)
 """
 
 
@@ -64,14 +68,15 @@ def main() -> None:
     config.to_json_file(config_path)
     size = ckpt.stat().st_size
     print(f"checkpoint {ckpt.name}: {size / 2**30:.2f} GiB")
-    for method in ("cpmbee", "naive"):
+    for method in ("cpmbee", "cpmbee-nocheck", "naive"):
         code = CHILD.format(root=str(ROOT), path=str(ckpt), method=method, config=str(config_path))
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         ).stdout.split()
-        params, peak = int(out[0]), int(out[1])
+        params, peak, anon, seconds = int(out[0]), int(out[1]), int(out[2]), float(out[3])
         print(
-            f"{method:7s}: {params / 1e9:.2f}B params, peak RSS {peak / 2**30:.2f} GiB = {peak / size:.2f}x the file"
+            f"{method:14s}: {params / 1e9:.2f}B params, peak RSS {peak / 2**30:.2f} GiB = {peak / size:.2f}x the file,"
+            f" anonymous RSS after loading {anon / 2**30:.2f} GiB, load {seconds:.1f} s"
         )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .checkpoint import load_model
+from .files import find_vocab
 from .model import CpmBeeForCausalLM
 from .tokenizer import CpmBeeTokenizer
 
@@ -38,14 +39,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def _find_vocab(path: Path) -> Path:
-    directory = path if path.is_dir() else path.parent
-    vocab = directory / "vocab.txt"
-    if not vocab.is_file():
-        raise FileNotFoundError(f"no vocab.txt beside the model in {directory}")
-    return vocab
 
 
 def load_model_and_tokenizer(
@@ -76,7 +69,7 @@ def load_model_and_tokenizer(
     if dtype is None and target.type == "cpu":
         dtype = torch.float32  # half precision matmuls are slow or missing on most CPUs
     model = load_model(path, dtype=dtype, attn_implementation=attn_implementation)
-    tokenizer = CpmBeeTokenizer(_find_vocab(path))
+    tokenizer = CpmBeeTokenizer(find_vocab(path))
     if quantize is not None:
         from .quantize import quantize_model
 

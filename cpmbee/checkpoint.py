@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .config import CpmBeeConfig
+from .files import atomic_directory, find_vocab
 from .model import CpmBeeForCausalLM
 
 __all__ = ["convert", "find_config", "load_model", "load_state_dict", "to_model_keys"]
@@ -59,19 +60,42 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return names[dtype]
 
 
+def _unsafe_pickle_error(path: Path, err: Exception) -> ValueError:
+    """The error for a pickle that ``weights_only`` loading refused or could not read (never suggesting
+    to load it unrestricted)."""
+    blocked = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if isinstance(err, pickle.UnpicklingError) and blocked:
+        return ValueError(
+            f"{path}: not a safe checkpoint: it holds {blocked.group(1)}, not only tensors and plain data,"
+            " and unpickling such objects can run code, so it is not loaded. Have the program that wrote it"
+            " save the weights alone as safetensors (safetensors.torch.save_file(model.state_dict(),"
+            " 'model.safetensors')) and load that file."
+        )
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ValueError(f"{path}: not a readable PyTorch checkpoint ({first_line})")
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read one weight file: ``.safetensors``, or a torch pickle read with ``weights_only=True`` (memory-mapped)."""
+    """Read one weight file: ``.safetensors``, or a torch pickle read with ``weights_only=True`` (memory-mapped).
+    A damaged or unsafe file is a ``ValueError`` naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise ValueError(f"{path}: not a valid safetensors file ({err})") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        raise _unsafe_pickle_error(path, err) from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
@@ -134,6 +158,17 @@ def find_config(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"no model config found for {path} (give one with --config / config=)")
 
 
+def _count_nonfinite(tensor: torch.Tensor, chunk: int = 1 << 22) -> int:
+    """NaN/inf values of a floating tensor, in slices (no full-size temporary). A slice's sum is finite
+    unless it holds NaN/inf (or overflows), so only a slice whose sum is not finite is counted exactly."""
+    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    bad = 0
+    for part in tensor.reshape(-1).split(chunk):
+        if not torch.isfinite(part.sum(dtype=accumulate)):
+            bad += int((~torch.isfinite(part)).sum())
+    return bad
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -141,6 +176,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
+    check_finite: bool = True,
 ) -> CpmBeeForCausalLM:
     """Load a CPM-Bee model from a directory (any layout above) or a single checkpoint file.
 
@@ -150,6 +186,8 @@ def load_model(
         dtype: compute dtype; None keeps the checkpoint's (an explicit one always wins over ``half``).
         device: where the weights go (default CPU).
         attn_implementation: ``"sdpa"`` (default) or ``"eager"`` (the original's arithmetic, bit for bit).
+        check_finite: refuse weights holding NaN or inf (a damaged checkpoint would otherwise generate
+            garbage without a word); this reads every weight once. ``False`` loads them as they are.
     """
     path = Path(path)
     if not isinstance(config, CpmBeeConfig):
@@ -167,46 +205,37 @@ def load_model(
             f"{path}: checkpoint does not match the config (check its shape and mask_modules); missing {missing[:5]}{'…' if len(missing) > 5 else ''},"
             f" unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
         )
+    nonfinite: list[str] = []
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ValueError(
                 f"{path}: {key} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[key].shape)}"
             )
+        if expected[key].is_floating_point() and not tensor.is_floating_point():
+            raise ValueError(
+                f"{path}: {key} has dtype {tensor.dtype}; weights must be floating point"
+                " (float32, float16 or bfloat16)"
+            )
+        if check_finite and tensor.is_floating_point():
+            bad = _count_nonfinite(tensor)
+            if bad:
+                nonfinite.append(f"{key} has {bad} NaN/inf values")
         if target_dtype is not None and tensor.is_floating_point() and tensor.dtype != target_dtype:
             state[key] = tensor.to(target_dtype)
+    if nonfinite:
+        more = f" (and {len(nonfinite) - 3} more tensors)" if len(nonfinite) > 3 else ""
+        raise ValueError(
+            f"{path}: damaged weights: {'; '.join(nonfinite[:3])}{more}"
+            " (load_model(..., check_finite=False) loads them anyway)"
+        )
     model.load_state_dict(state, assign=True, strict=True)
     if target_dtype is not None:
         model.config.dtype = target_dtype
     if attn_implementation is not None:
         model.config._attn_implementation = attn_implementation
     if device is not None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers types `to` through a wrapper mypy misreads
     return model.eval()
-
-
-def _atomic_directory(dst: Path):
-    """Write into a temporary sibling directory and move it into place when complete."""
-
-    class _Ctx:
-        def __enter__(self) -> Path:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-            return self.tmp
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return
-            if dst.exists():
-                backup = dst.with_name(dst.name + ".old")
-                shutil.rmtree(backup, ignore_errors=True)
-                dst.rename(backup)
-                self.tmp.rename(dst)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                self.tmp.rename(dst)
-
-    return _Ctx()
 
 
 def convert(
@@ -227,14 +256,17 @@ def convert(
     from .tokenizer import CpmBeeTokenizer
 
     src, dst = Path(src), Path(dst)
-    vocab_path = Path(vocab) if vocab is not None else (src if src.is_dir() else src.parent) / "vocab.txt"
-    if not vocab_path.is_file():
-        raise FileNotFoundError(f"no vocab.txt at {vocab_path}: pass the vocabulary with --vocab / vocab=")
+    vocab_path = find_vocab(src, vocab)
     model = load_model(src, config=config, dtype=dtype)
     tokenizer = CpmBeeTokenizer(vocab_path)
-    with _atomic_directory(dst) as out:
-        model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(out)
+    try:
+        with atomic_directory(dst) as out:
+            model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+            tokenizer.save_pretrained(out)
+    except OSError as err:  # a full disk, a quota, a read-only file system: dst is left as it was
+        raise OSError(
+            f"{dst}: could not write the converted model ({err.strerror or err}); nothing was changed there"
+        ) from err
     return dst
 
 

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from typing import Any
 
 from transformers import PreTrainedConfig
 
 __all__ = ["PRESETS", "CpmBeeConfig"]
+
+DTYPES = ("float32", "float16", "bfloat16")  # what a CPM-Bee model computes in
 
 # The released 5B/2B/1B models are structured-pruned versions of the 10B skeleton: every one keeps the 48
 # layers but drops whole attention or FFN sub-blocks. The kept/dropped pattern is the same in all three
@@ -29,7 +32,7 @@ _PRUNED_48 = (
     "FF TF FF TF TT TF TT TT FF FF TT TF TF TT FF TT FF FT TF TT FF FT TT TT "
     "FF TT FF TT TT FF TT FF TT FF TT TF TT TT TT FF TT FF TT TT FF TT FF FF"
 )
-PRUNED_MASK_MODULES: list[list[bool]] = [[a == "T", f == "T"] for a, f in _PRUNED_48.split()]
+PRUNED_MASK_MODULES: list[list[bool]] = [[pair[0] == "T", pair[1] == "T"] for pair in _PRUNED_48.split()]
 
 _COMMON = {
     "vocab_size": 86583,
@@ -103,6 +106,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class CpmBeeConfig(PreTrainedConfig):
     """Configuration of a CPM-Bee model.
 
@@ -154,6 +161,12 @@ class CpmBeeConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
+        for name, value in (("dtype", self.dtype), ("torch_dtype", kwargs.get("torch_dtype"))):
+            # checked before transformers turns the name into a torch attribute (AttributeError otherwise)
+            if value is not None and str(value).removeprefix("torch.") not in DTYPES:
+                raise ValueError(
+                    f"CpmBeeConfig.{name} must be one of {', '.join(DTYPES)} or null, got {value!r}"
+                )
         if self.half and self.dtype is None and kwargs.get("torch_dtype") is None:
             # Only a default: `from_pretrained(..., dtype=torch.float32)` still gives float32.
             self.dtype = "float16"
@@ -182,8 +195,15 @@ class CpmBeeConfig(PreTrainedConfig):
             raise ValueError(
                 f"CpmBeeConfig.hidden_size must be even (rotary embedding), got {self.hidden_size}"
             )
-        if not 0.0 <= float(self.dropout_p) < 1.0:
-            raise ValueError(f"CpmBeeConfig.dropout_p must be in [0, 1), got {self.dropout_p!r}")
+        for name in ("eps", "init_std", "distance_scale"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"CpmBeeConfig.{name} must be a positive number, got {value!r}")
+        if not _is_number(self.dropout_p) or not 0.0 <= self.dropout_p < 1.0:
+            raise ValueError(f"CpmBeeConfig.dropout_p must be a number in [0, 1), got {self.dropout_p!r}")
+        for name in ("half", "use_cache", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CpmBeeConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.mask_modules is not None:
             if len(self.mask_modules) != self.num_hidden_layers:
                 raise ValueError(
@@ -191,9 +211,14 @@ class CpmBeeConfig(PreTrainedConfig):
                     f"{self.num_hidden_layers}; give one [mask_att, mask_ffn] pair per layer"
                 )
             for i, pair in enumerate(self.mask_modules):
-                if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                if (
+                    not isinstance(pair, (list, tuple))
+                    or len(pair) != 2
+                    or any(flag not in (True, False) for flag in pair)  # also 0 and 1
+                ):
                     raise ValueError(
-                        f"CpmBeeConfig.mask_modules[{i}] must be a [mask_att, mask_ffn] pair, got {pair!r}"
+                        f"CpmBeeConfig.mask_modules[{i}] must be a [mask_att, mask_ffn] pair of true/false,"
+                        f" got {pair!r}"
                     )
 
     # ------------------------------------------------------------------ helpers
@@ -233,9 +258,13 @@ class CpmBeeConfig(PreTrainedConfig):
 
     @classmethod
     def from_json_file(cls, json_file: str | os.PathLike) -> CpmBeeConfig:
-        """Read a config JSON in either naming style (HF ``config.json`` or the original OpenBMB file)."""
+        """Read a config JSON in either naming style (HF ``config.json`` or the original OpenBMB file);
+        ``ValueError`` names the file and the field."""
         with open(json_file, encoding="utf-8") as f:
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"{json_file}: not a valid JSON config ({err})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{json_file}: a config must be a JSON object")
         for key in (
@@ -249,4 +278,7 @@ class CpmBeeConfig(PreTrainedConfig):
         model_type = data.pop("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ValueError(f"{json_file}: model_type is {model_type!r}, expected {cls.model_type!r}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{json_file}: {err}") from None

@@ -39,7 +39,14 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from .model import CpmBeeCache
 from .prompt import PromptBatch, collate_prompts, encode_prompt, fill_answers
 
-__all__ = ["GenerationOptions", "StreamEvent", "compile_decoding", "generate", "stream_generate"]
+__all__ = [
+    "GenerationOptions",
+    "StreamEvent",
+    "allowed_output_columns",
+    "compile_decoding",
+    "generate",
+    "stream_generate",
+]
 
 FORBIDDEN = -10000.0  # the logit forbidden columns get (not -inf: the original's value, kept for exactness)
 
@@ -156,6 +163,33 @@ def compile_decoding(model: torch.nn.Module, **compile_options: Any) -> torch.nn
     return model
 
 
+def allowed_output_columns(inputs: Mapping[str, torch.Tensor], vocab_size: int, unk_id: int) -> torch.Tensor:
+    """``(B, V + E)`` bool: the output columns each row may produce (the rule decoding applies every step and
+    training's greedy exact-match check assumes).
+
+    Every vocabulary id except ``<unk>``, which is allowed only when the row's given tokens contain unknown
+    text; plus the ext columns whose ``(ext_table_ids[j], ext_table_sub[j])`` token is among the row's given
+    tokens. Given tokens are the context tokens that are not padding: positions before ``length`` in
+    right-padded training rows, ``num_segments > 0`` otherwise.
+    """
+    ids, subs = inputs["input_ids"], inputs["input_id_sub"]
+    b, width = ids.shape
+    if "length" in inputs:
+        valid = torch.arange(width, device=ids.device)[None, :] < inputs["length"].to(ids.device)[:, None]
+    else:
+        valid = inputs["num_segments"] != 0
+    given = inputs["context"].bool() & valid  # (B, L)
+    ext_ids, ext_subs = inputs["ext_table_ids"], inputs["ext_table_sub"]
+    present = (
+        (ids[:, :, None] == ext_ids[None, None, :])
+        & (subs[:, :, None] == ext_subs[None, None, :])
+        & given[..., None]
+    ).any(dim=1)  # (B, E)
+    vocab = torch.ones(b, vocab_size, dtype=torch.bool, device=ids.device)
+    vocab[:, unk_id] = ((ids == unk_id) & given).any(dim=1)
+    return torch.cat([vocab, present], dim=1)
+
+
 def _prepare(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Any], single: bool = True) -> _Prepared:
     prompts = []
     for i, row in enumerate(rows):
@@ -166,21 +200,12 @@ def _prepare(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Any], single
     batch = collate_prompts(tokenizer, prompts)
     device = _model_device(model)
     inputs = batch.model_inputs(device)
-    vocab = tokenizer.vocab_size
-    n_ext = len(batch.ext_table_ids)
-    width = vocab + n_ext
-    forbidden = torch.zeros(len(rows), width, dtype=torch.bool)
-    for b, table in enumerate(batch.ext_tables):
-        if tokenizer.unk_id not in table:
-            forbidden[b, tokenizer.unk_id] = True
-        for j in range(n_ext):
-            if vocab + j not in table:
-                forbidden[b, vocab + j] = True
+    forbidden = ~allowed_output_columns(inputs, tokenizer.vocab_size, tokenizer.unk_id)
     return _Prepared(
         batch=batch,
         inputs=inputs,
-        forbidden=forbidden.to(device),
-        width=width,
+        forbidden=forbidden,
+        width=forbidden.shape[1],
         ext_ids=batch.ext_table_ids.tolist(),
         ext_subs=batch.ext_table_sub.tolist(),
     )

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .files import atomic_directory
 from .model import CpmBeeForCausalLM, CpmBeeLinear
 
 __all__ = [
@@ -276,12 +277,10 @@ def merge_lora(model: nn.Module) -> CpmBeeForCausalLM:
 def save_merged(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
     """Merge (when ``model`` has adapters) and write a model directory that ``load_model`` /
     ``from_pretrained`` read: safetensors + ``config.json`` (+ the tokenizer files). Written atomically."""
-    from .checkpoint import _atomic_directory
-
     peft = _peft()
     plain = merge_lora(model) if isinstance(model, peft.PeftModel) else model
     directory = Path(directory)
-    with _atomic_directory(directory) as out:
+    with atomic_directory(directory) as out:
         plain.save_pretrained(out, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)

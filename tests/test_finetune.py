@@ -18,9 +18,10 @@ from cpmbee import CpmBeeForCausalLM
 from cpmbee.checkpoint import load_model
 from cpmbee.data.finetune import FinetuneCollator, prepare_for_finetune
 from cpmbee.evaluation.likelihood import evaluate
+from cpmbee.generation import allowed_output_columns
 from cpmbee.train.finetune import FinetuneArgs, run_finetune
 from cpmbee.train.metrics import read_records
-from cpmbee.train.objective import AnswerObjective, allowed_columns
+from cpmbee.train.objective import AnswerObjective
 
 from .conftest import REPO_ROOT, random_weights_, tiny_config
 
@@ -203,7 +204,7 @@ def test_objective_and_evaluate_agree_with_the_model(tiny_tokenizer):
     torch.testing.assert_close(out["loss_sum"] / out["tokens"], full.loss, rtol=1e-5, atol=1e-5)
 
     # exact match = every answer position's best allowed column is the label
-    allowed = allowed_columns(batch, tiny_tokenizer.vocab_size, tiny_tokenizer.unk_id)
+    allowed = allowed_output_columns(batch, tiny_tokenizer.vocab_size, tiny_tokenizer.unk_id)
     scores = full.logits.masked_fill(~allowed[:, None, :], float("-inf"))
     labels = batch["labels"]
     expected_exact = [
@@ -235,6 +236,14 @@ def test_bad_options_and_data_are_reported(job, tmp_path):
     bad.write_text('{"input": "a", "<ans>": "b"}\n{"input": "a"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: no '<ans>' key"):
         run_finetune(_args(job, tmp_path / "y", train=str(bad)))
+
+
+def test_a_set_with_nothing_to_learn_does_not_train(job, tmp_path):
+    """`<ans>: {}` samples have 0 labelled tokens: they once 'trained' at loss 0.0 with exact match 1.0."""
+    empty = _write(tmp_path / "empty.jsonl", [{"input": "a", "question": "is", "<ans>": {}}] * 8)
+    with pytest.raises(ValueError, match=r"empty.jsonl:1: '<ans>' holds no answer text"):
+        run_finetune(_args(job, tmp_path / "z", train=empty, eval=empty, max_steps=2))
+    assert not (tmp_path / "z" / "metrics").exists() or not _records(tmp_path / "z", "train")
 
 
 def test_restart_after_a_crash_is_an_incident(job, tmp_path):

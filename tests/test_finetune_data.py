@@ -17,7 +17,9 @@ from cpmbee.data.finetune import (
     normalize_samples,
     prepare_for_finetune,
     read_jsonl,
+    scan_samples,
 )
+from cpmbee.data.tools import iter_jsonl_records
 from cpmbee.prompt import encode_sample
 
 from .conftest import SHARED, random_weights_, require_shared, tiny_config
@@ -156,6 +158,40 @@ def test_read_jsonl_names_bad_lines(tmp_path):
         read_jsonl(path)
     path.write_text('{"input": "a", "<ans>": "b"}\n', encoding="utf-8")
     assert read_jsonl(path) == [{"input": "a", "<ans>": "b"}]
+
+
+def test_samples_with_nothing_to_learn_are_refused(tmp_path, tiny_tokenizer):
+    """`<ans>: {}` (or a dict of empty dicts) has no answer slot, so 0 labelled tokens: not a sample."""
+    path = tmp_path / "d.jsonl"
+    for empty in ({}, {"a": {}, "b": {"c": {}}}):
+        path.write_text(
+            json.dumps({"input": "a", "<ans>": "b"})
+            + "\n\n"
+            + json.dumps({"input": "a", "<ans>": empty})
+            + "\n",
+            encoding="utf-8",
+        )
+        with pytest.raises(ValueError, match=r"d.jsonl:3: '<ans>' holds no answer text"):
+            read_jsonl(path)
+        with pytest.raises(ValueError, match=r"sample 1: no answer tokens to learn"):
+            prepare_for_finetune(
+                tiny_tokenizer, [{"input": "a", "<ans>": "b"}, {"input": "a", "<ans>": empty}]
+            )
+        with pytest.raises(ValueError, match=r"train: sample 1: no answer tokens to learn"):
+            scan_samples(tiny_tokenizer, [{"input": "a", "<ans>": empty}], 64, "train")
+    batch = prepare_for_finetune(tiny_tokenizer, {"input": "a", "<ans>": ""}, return_tensors=None)
+    assert (batch.labels != -100).sum() == 1  # an empty answer still teaches where the answer ends
+
+
+def test_non_utf8_lines_name_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"input": "a", "<ans>": "b"}\n{"input": "caf\xe9", "<ans>": "b"}\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 15\)"):
+        read_jsonl(path)
+    build = tmp_path / "build.txt"
+    build.write_bytes(b"fine\nbad \xff line\n")
+    with pytest.raises(ValueError, match=r"build.txt:2: not valid UTF-8 \(byte 0xff at column 5\)"):
+        list(iter_jsonl_records([build]))
 
 
 def test_choice_candidates():

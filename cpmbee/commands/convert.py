@@ -41,6 +41,6 @@ def convert(
         out = run_convert(
             src, dst, config=config_path, vocab=vocab, dtype=dtype, max_shard_size=max_shard_size
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # OSError: a missing input, or a full disk while writing DST
         raise click.ClickException(str(err)) from err
     click.echo(f"wrote {out}")

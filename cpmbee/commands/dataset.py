@@ -1,4 +1,5 @@
-"""``cpmbee dataset``: inspect and maintain datasets (info, shuffle, merge, mask, unmask, compact)."""
+"""``cpmbee dataset``: inspect and maintain datasets (info, shuffle, merge, mask, unmask, compact) and import
+the original CPM-Bee format (import-original)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ def _fail(err: Exception) -> click.ClickException:
 
 @click.group()
 def dataset() -> None:
-    """Dataset tools for `cpmbee build-dataset` directories (see docs/datasets.md)."""
+    """Dataset tools for `cpmbee build-dataset` directories and original CPM-Bee datasets (docs/datasets.md)."""
 
 
 @dataset.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 def info(path: str) -> None:
-    """Print shards, records, bytes and blocks as JSON."""
+    """Print shards (or an original dataset's files), records, bytes and blocks as JSON."""
     from ..data.tools import dataset_info
 
     try:
@@ -108,3 +109,29 @@ def compact(path: str, delete_masked: bool) -> None:
     except ValueError as err:
         raise _fail(err) from err
     click.echo(f"removed {', '.join(removed) or 'nothing'}")
+
+
+@dataset.command("import-original")
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.argument("target", type=click.Path(file_okay=False))
+@click.option("--append", is_flag=True, help="Add to TARGET when it is already a dataset.")
+@click.option("--block-records", default=256, show_default=True, type=click.IntRange(min=1))
+def import_original(source: str, target: str, append: bool, block_records: int) -> None:
+    """Convert an original CPM-Bee dataset (meta.bin + data files) into shards of TARGET.
+
+    Records stay identical and in order, one shard per data file; pickled records are read by a
+    restricted unpickler that accepts plain data only. A failed import adds nothing to TARGET.
+    """
+    from ..data.tools import import_original as run_import
+
+    try:
+        summary = run_import(source, target, append=append, block_records=block_records, progress=True)
+    except ValueError as err:
+        raise _fail(err) from err
+    for entry in summary:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(entry["serializers"].items())) or "no records"
+        masked = " (masked)" if entry["mask"] else ""
+        click.echo(
+            f"{entry['file']} -> {target}/{entry['shard']}: {entry['records']} records ({kinds}){masked}"
+        )
+    click.echo(f"{target}: + {sum(e['records'] for e in summary)} records in {len(summary)} shards")

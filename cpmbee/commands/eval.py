@@ -148,6 +148,7 @@ def eval_command(
     report["timing"]["eval_s"] = round(time.perf_counter() - start, 3)
     click.echo(format_table(report))
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        from ..files import write_text_atomic
+
+        write_text_atomic(output, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
         click.echo(f"report written to {output}")

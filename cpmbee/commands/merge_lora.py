@@ -34,19 +34,13 @@ def merge_lora(base: str, adapter: str, dst: str, alpha: float, dtype: str | Non
     `cpmbee finetune`) or an OpenDelta delta file from the original fine-tuning (`*-delta-best.pt`).
     DST loads like any model directory, without peft, at the base model's speed.
     """
-    from pathlib import Path
-
     from ..checkpoint import load_model
+    from ..files import find_vocab
     from ..lora import load_adapter, save_merged
     from ..tokenizer import CpmBeeTokenizer
 
-    base_path = Path(base)
-    vocab_path = (
-        Path(vocab) if vocab else (base_path if base_path.is_dir() else base_path.parent) / "vocab.txt"
-    )
-    if not vocab_path.is_file():
-        raise click.ClickException(f"no vocab.txt at {vocab_path}: pass --vocab")
     try:
+        vocab_path = find_vocab(base, vocab)
         model = load_model(base, dtype=dtype)
         model = load_adapter(model, adapter, alpha=alpha)
         save_merged(model, dst, CpmBeeTokenizer(vocab_path))

@@ -21,9 +21,9 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write
 from ..tokenizer import escape
 
 __all__ = ["QUESTION", "ccpm_to_bee", "choice_sample", "convert_ccpm_file", "iter_ccpm_file", "parse_ccpm"]
@@ -102,16 +102,9 @@ def iter_ccpm_file(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
 
 def convert_ccpm_file(src: str | os.PathLike, dst: str | os.PathLike) -> int:
     """Convert a CCPM JSONL file into a CPM-Bee JSONL file (written atomically); returns the sample count."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     count = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as out:
-            for sample in iter_ccpm_file(src):
-                out.write(json.dumps(sample, ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(dst) as out:
+        for sample in iter_ccpm_file(src):
+            out.write(json.dumps(sample, ensure_ascii=False) + "\n")
+            count += 1
     return count

@@ -38,6 +38,7 @@ from ..prompt import (
     make_training_batch,
 )
 from .jsonl import iter_jsonl
+from .shards import open_dataset
 
 __all__ = [
     "FinetuneCollator",
@@ -85,20 +86,47 @@ def normalize_samples(data: Any) -> list[Any]:
 
 
 def read_jsonl(path: str | os.PathLike, *, require_answer: bool = True) -> list[dict[str, Any]]:
-    """Read a JSONL file of CPM-Bee dicts; bad lines raise ``ValueError`` with the file and line number."""
+    """Read fine-tuning samples: a JSONL file of CPM-Bee dicts, or a dataset directory (``cpmbee
+    build-dataset`` shards, or the original CPM-Bee format read in place), records in stored order.
+    A bad sample raises ``ValueError`` naming the file and line (or record)."""
     path = Path(path)
-    if not path.is_file():
+    located: Iterator[tuple[str, Any]]
+    if path.is_dir():
+        located = open_dataset(path).iter_located()
+    elif path.is_file():
+        located = ((f"{path}:{number}", sample) for number, sample in iter_jsonl(path))
+    else:
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     samples: list[dict[str, Any]] = []
-    for number, sample in iter_jsonl(path):
+    for where, sample in located:
+        if not isinstance(sample, dict):
+            raise ValueError(f"{where}: expected a CPM-Bee dict, got {type(sample).__name__}")
         if require_answer and ANSWER_KEY not in sample:
+            raise ValueError(f"{where}: no {ANSWER_KEY!r} key (a fine-tuning sample needs its answer)")
+        if require_answer and not _has_answer_slot(sample[ANSWER_KEY]):
             raise ValueError(
-                f"{path}:{number}: no {ANSWER_KEY!r} key (a fine-tuning sample needs its answer)"
+                f"{where}: {ANSWER_KEY!r} holds no answer text ({sample[ANSWER_KEY]!r}: nothing to learn);"
+                " give it a string, or a dict with at least one string"
             )
         samples.append(sample)
     if not samples:
         raise ValueError(f"{path}: no samples")
     return samples
+
+
+def _has_answer_slot(answer: Any) -> bool:
+    """False for an answer made of dicts only (``{}``, ``{"a": {}}``): it encodes to no token to predict.
+    Other values are left to the encoder, which names a wrong type."""
+    if isinstance(answer, Mapping):
+        return any(_has_answer_slot(value) for value in answer.values())
+    return True
+
+
+def _check_learnable(enc: Any) -> None:
+    """A training sample must have a token to predict, or it adds 0 to the loss and counts as a perfect
+    answer (``<ans>: {}``)."""
+    if not (enc.context == 0).any():
+        raise ValueError(f"no answer tokens to learn ({ANSWER_KEY!r} is missing or holds no string)")
 
 
 # ---------------------------------------------------------------------------------------------------- truncation
@@ -200,6 +228,7 @@ def _encode_rows(
         index = first_index + offset
         try:
             enc = encode_sample(tokenizer, sample, max_depth=max_depth)
+            _check_learnable(enc)
             changed = len(enc) > max_length
             if changed:
                 if not truncation:
@@ -337,7 +366,9 @@ def scan_samples(tokenizer: Any, samples: list[Any], max_length: int, name: str)
     tokens = truncated = 0
     for i, sample in enumerate(samples):
         try:
-            n = len(encode_sample(tokenizer, sample))
+            enc = encode_sample(tokenizer, sample)
+            _check_learnable(enc)
+            n = len(enc)
             if n > max_length:
                 fit_to_length(tokenizer, sample, max_length, length=n)
                 truncated += 1

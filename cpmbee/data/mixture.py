@@ -3,7 +3,7 @@
 The config (JSON or YAML; format in ``docs/pretrain.md``) is a list of datasets, as the original's
 ``datasets.json``, or ``{"sampling": ..., "datasets": [...]}``. Each entry has ``dataset_name``,
 ``task_name`` (its identity is ``"task_name.dataset_name"``), ``path`` (a ``cpmbee build-dataset``
-directory, relative to the config file), ``weight``, ``transforms`` (a list of mapping templates, one drawn
+directory or an original CPM-Bee dataset directory with ``meta.bin``, relative to the config file), ``weight``, ``transforms`` (a list of mapping templates, one drawn
 per instance, or a Python file defining ``transform(data, num_incontext, rng)``) and ``incontext_weight``.
 
 Sampling (``"sampling"``):
@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..prompt import DEFAULT_MAX_DEPTH, TrainingBatch, TrainingSample
 from ..rng import rng_from_json, rng_to_json
 from .packing import BatchPacker, InstanceBuilder, _Row
-from .shards import BlockCursor, Dataset, _seed, read_index, redeal
+from .shards import BlockCursor, BlockSource, _seed, open_dataset, redeal
 from .transforms import validate_template
 
 __all__ = [
@@ -146,7 +146,7 @@ def load_mixture_config(path: str | os.PathLike, *, check_paths: bool = True) ->
         seen.add(entry.identity)
         if check_paths:
             try:
-                read_index(config.resolve(entry.path))
+                open_dataset(config.resolve(entry.path))
             except ValueError as err:
                 raise ValueError(f"{path}: datasets.{i}.path: {err}") from None
             if isinstance(entry.transforms, str) and not config.resolve(entry.transforms).is_file():
@@ -173,7 +173,7 @@ def _mixture(
 def mixture_summary(path: str | os.PathLike) -> dict[str, Any]:
     """The sampling shares a mixture config gives right now (``{"sampling", "shares", "records", "weights"}``)."""
     config = load_mixture_config(path)
-    records = {e.identity: Dataset(config.resolve(e.path)).num_records for e in config.datasets}
+    records = {e.identity: open_dataset(config.resolve(e.path)).num_records for e in config.datasets}
     weights = {e.identity: e.weight for e in config.datasets}
     return _mixture(config, records, weights, str(path))
 
@@ -206,7 +206,7 @@ class _TransformFile:
 @dataclass
 class _Source:
     entry: DatasetEntry
-    dataset: Dataset
+    dataset: BlockSource
     cursor: BlockCursor
     transform_file: _TransformFile | None = None
     skipped_too_long: int = 0
@@ -343,7 +343,7 @@ class MixedStream:
                     old.transform_file = transform_file
                 sources[entry.identity] = old
                 continue
-            dataset = Dataset(path)
+            dataset = open_dataset(path)
             cursor = BlockCursor(
                 dataset,
                 self.stream,

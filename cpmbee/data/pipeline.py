@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .mixture import MixedStream, StreamOutput, load_mixture_config, reshard_states
-from .shards import Dataset, _seed
+from .shards import _seed, open_dataset
 
 __all__ = ["DataPipeline", "PipelineBatch"]
 
@@ -152,13 +152,16 @@ class DataPipeline:
                 self.consumed = int(state["consumed"])
             else:
                 config = load_mixture_config(config_path)
-                blocks = {e.identity: Dataset(config.resolve(e.path)).num_blocks for e in config.datasets}
+                blocks = {
+                    e.identity: open_dataset(config.resolve(e.path)).num_blocks for e in config.datasets
+                }
                 dealt = reshard_states(state["streams"], num_streams, blocks)
                 states = dealt[self.first : self.first + self.per_rank]
                 restore_rows, stream_seed = False, _seed(seed, resume_step, 7)
                 self.resharded = True
         self._states: list[dict[str, Any] | None] = list(states)
         offset = self.consumed % self.per_rank
+        self._stream: MixedStream | None
         if num_workers == 0:
             self._stream = self.spec.build(self.first, states[0], restore_rows, stream_seed)
             self._iter: Iterator[Any] | None = None

@@ -16,6 +16,9 @@ Each shard is cut into *blocks* of ``block_records`` consecutive records; blocks
 index order. The block is the unit that is dealt to readers (``owns_block``) and that
 ``BlockCursor`` walks in a shuffled order, with its records in a shuffled order too; a cursor's position
 is a small JSON state, so a job resumes exactly where it stopped.
+
+``BlockCursor`` reads any ``BlockSource``: this format's ``Dataset`` or ``cpmbee.data.original``'s
+``OriginalDataset`` (the original CPM-Bee format, read in place); ``open_dataset`` opens either.
 """
 
 from __future__ import annotations
@@ -29,15 +32,20 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from ..files import atomic_write
+from .original import META, OriginalDataset
+
 __all__ = [
     "BlockCursor",
+    "BlockSource",
     "Dataset",
     "ShardInfo",
     "ShardWriter",
+    "open_dataset",
     "owns_block",
     "read_index",
     "write_index",
@@ -67,9 +75,13 @@ def read_index(directory: str | os.PathLike) -> list[ShardInfo]:
     """The shards of a dataset directory (``ValueError`` if it is not one)."""
     path = Path(directory) / INDEX
     if not path.is_file():
-        raise ValueError(
-            f"{directory}: not a cpmbee dataset (no {INDEX}); build one with `cpmbee build-dataset`"
+        hint = (
+            f"it is in the original CPM-Bee format ({META}): read it as it is, or convert it with"
+            " `cpmbee dataset import-original`"
+            if (Path(directory) / META).is_file()
+            else "build one with `cpmbee build-dataset`"
         )
+        raise ValueError(f"{directory}: not a cpmbee dataset (no {INDEX}); {hint}")
     shards = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -84,14 +96,9 @@ def read_index(directory: str | os.PathLike) -> list[ShardInfo]:
 
 def write_index(directory: str | os.PathLike, shards: Sequence[ShardInfo]) -> None:
     """Replace the index atomically (readers see the old or the new one, never a torn file)."""
-    directory = Path(directory)
-    tmp = directory / f".{INDEX}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(Path(directory) / INDEX) as f:
         for s in shards:
             f.write(json.dumps(asdict(s), ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / INDEX)
 
 
 @contextlib.contextmanager
@@ -223,6 +230,28 @@ class _Shard:
         return self.data[int(self.offsets[i]) : int(self.offsets[i + 1])]
 
 
+class BlockSource(Protocol):
+    """What ``BlockCursor`` reads: numbered blocks of records that may grow while being read."""
+
+    directory: Path
+
+    def refresh(self) -> bool: ...
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    @property
+    def num_records(self) -> int: ...
+
+    def block_available(self, block: int) -> bool: ...
+
+    def block_length(self, block: int) -> int: ...
+
+    def block_record(self, block: int, i: int) -> Any: ...
+
+    def block_record_raw(self, block: int, i: int) -> bytes: ...
+
+
 class Dataset:
     """Random access to a dataset directory; ``refresh()`` picks up appended shards and mask changes."""
 
@@ -304,6 +333,17 @@ class Dataset:
     def raw(self, shard: int, i: int) -> bytes:
         return self._shard(shard).raw(i)
 
+    def block_length(self, block: int) -> int:
+        return self.locate(block)[2]
+
+    def block_record_raw(self, block: int, i: int) -> bytes:
+        """Record ``i`` of a global block, as stored (encoded JSON)."""
+        shard, first, _ = self.locate(block)
+        return self.raw(shard, first + i)
+
+    def block_record(self, block: int, i: int) -> Any:
+        return json.loads(self.block_record_raw(block, i))
+
     def get(self, shard: int, i: int) -> Any:
         return json.loads(self.raw(shard, i))
 
@@ -319,6 +359,31 @@ class Dataset:
     def __iter__(self) -> Iterator[Any]:
         for payload in self.iter_raw():
             yield json.loads(payload)
+
+    def iter_located(self) -> Iterator[tuple[str, Any]]:
+        """``(where, record)`` for every record of the unmasked shards, in stored order (``where`` is
+        ``DIR/SHARD: record N``, for messages about the record)."""
+        for k, info in enumerate(self.shards):
+            if not info.mask:
+                shard = self._shard(k)
+                for i in range(info.records):
+                    yield f"{self.directory / info.name}: record {i + 1}", json.loads(shard.raw(i))
+
+
+def open_dataset(directory: str | os.PathLike) -> Dataset | OriginalDataset:
+    """A dataset directory of either format: this package's shards (``index.jsonl``) or the original
+    CPM-Bee ``DistributedDataset`` (``meta.bin``, read in place). ``ValueError`` for anything else."""
+    directory = Path(directory)
+    if (directory / INDEX).is_file():
+        return Dataset(directory)
+    if (directory / META).is_file():
+        return OriginalDataset(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: no such dataset directory")
+    raise ValueError(
+        f"{directory}: not a dataset (neither {INDEX} nor the original's {META}); build one with"
+        " `cpmbee build-dataset`"
+    )
 
 
 def owns_block(block: int, num_blocks: int, stream: int, num_streams: int) -> bool:
@@ -347,7 +412,13 @@ class BlockCursor:
     """
 
     def __init__(
-        self, dataset: Dataset, stream: int = 0, num_streams: int = 1, *, seed: int = 0, shuffle: bool = True
+        self,
+        dataset: BlockSource,
+        stream: int = 0,
+        num_streams: int = 1,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
         if not 0 <= stream < num_streams:
             raise ValueError(f"stream {stream} is not in 0..{num_streams - 1}")
@@ -416,8 +487,8 @@ class BlockCursor:
             self._order = (key, order)
         return self._order[1]
 
-    def next_raw(self) -> bytes:
-        """The next record's encoded JSON (``ValueError`` if the stream has no readable block)."""
+    def _advance(self) -> tuple[int, int]:
+        """``(block, record in the block)`` of the next record (``ValueError`` if there is none)."""
         for _ in range(2):
             while self.current is None:
                 self._sync()
@@ -432,15 +503,18 @@ class BlockCursor:
         if self.current is None:
             raise ValueError(f"{self.dataset.directory}: no readable records (empty or every shard masked)")
         block, epoch, pos = self.current
-        shard, first, count = self.dataset.locate(block)
+        count = self.dataset.block_length(block)
         order = self._record_order(block, epoch, count)
-        payload = self.dataset.raw(shard, first + int(order[pos]))
-        pos += 1
-        self.current = None if pos >= count else [block, epoch, pos]
-        return payload
+        self.current = None if pos + 1 >= count else [block, epoch, pos + 1]
+        return block, int(order[pos])
+
+    def next_raw(self) -> bytes:
+        """The next record's encoded JSON (``ValueError`` if the stream has no readable block)."""
+        return self.dataset.block_record_raw(*self._advance())
 
     def next(self) -> Any:
-        return json.loads(self.next_raw())
+        """The next record (``ValueError`` if the stream has no readable block)."""
+        return self.dataset.block_record(*self._advance())
 
 
 def redeal(

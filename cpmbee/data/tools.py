@@ -1,9 +1,10 @@
-"""Dataset tools: build from JSONL, shuffle, merge, mask, compact, describe (``cpmbee build-dataset`` and
-``cpmbee dataset …``). All of them leave a dataset valid at every moment: new shards appear only when
-complete, and the index is replaced atomically."""
+"""Dataset tools: build from JSONL, import the original CPM-Bee format, shuffle, merge, mask, compact,
+describe (``cpmbee build-dataset`` and ``cpmbee dataset …``). All of them leave a dataset valid at every
+moment: new shards appear only when complete, and the index is replaced atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,8 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from ..files import copy_file_atomic
+from .jsonl import iter_text_lines
+from .original import META, OriginalDataset, encode_json
 from .shards import (
+    _NAME,
     DEFAULT_BLOCK_RECORDS,
+    INDEX,
     Dataset,
     ShardInfo,
     ShardWriter,
@@ -27,6 +33,7 @@ __all__ = [
     "build_dataset",
     "compact_dataset",
     "dataset_info",
+    "import_original",
     "iter_jsonl_records",
     "mask_shards",
     "merge_datasets",
@@ -46,20 +53,18 @@ def iter_jsonl_records(paths: Iterable[str | os.PathLike], *, text_key: str = "t
             else [path]
         )
         for file in files:
-            with open(file, encoding="utf-8") as f:
-                for line in f:
-                    line = line.rstrip("\r\n")
-                    if not line.strip():
+            for _, line in iter_text_lines(file):
+                if not line.strip():
+                    continue
+                if line.lstrip().startswith("{"):
+                    try:
+                        value = json.loads(line)
+                    except json.JSONDecodeError:
+                        value = None
+                    if isinstance(value, dict):
+                        yield value
                         continue
-                    if line.lstrip().startswith("{"):
-                        try:
-                            value = json.loads(line)
-                        except json.JSONDecodeError:
-                            value = None
-                        if isinstance(value, dict):
-                            yield value
-                            continue
-                    yield {text_key: line}
+                yield {text_key: line}
 
 
 def build_dataset(
@@ -187,29 +192,108 @@ def mask_shards(directory: str | os.PathLike, names: Iterable[str], mask: bool =
     return sorted(wanted)
 
 
+def _add_shards(
+    target: Path, source: Path, shards: Iterable[ShardInfo], *, move: bool = False
+) -> list[ShardInfo]:
+    """Copy (or, on one file system, ``move``) shards of the dataset at ``source`` into ``target`` and add
+    them to its index in one atomic replacement; names that clash get a ``-N`` suffix."""
+    with index_lock(target):
+        if not (target / INDEX).exists():
+            write_index(target, [])
+        existing = read_index(target)
+        taken = {s.name for s in existing}
+        added: list[ShardInfo] = []
+        for info in shards:
+            name, n = info.name, 1
+            while name in taken or (target / f"{name}.rec").exists():
+                name, n = f"{info.name}-{n}", n + 1
+            taken.add(name)
+            for suffix in (".rec", ".idx"):
+                if move:
+                    os.replace(source / f"{info.name}{suffix}", target / f"{name}{suffix}")
+                else:
+                    copy_file_atomic(source / f"{info.name}{suffix}", target / f"{name}{suffix}")
+            added.append(ShardInfo(name, info.records, info.bytes, info.block_records, info.mask))
+        write_index(target, [*existing, *added])
+    return added
+
+
 def merge_datasets(target: str | os.PathLike, sources: Iterable[str | os.PathLike]) -> list[ShardInfo]:
     """Copy the shards of ``sources`` into ``target`` (names that clash get a ``-N`` suffix)."""
     target = Path(target)
     added: list[ShardInfo] = []
     for source in sources:
         source = Path(source)
-        for info in read_index(source):
-            with index_lock(target):
-                if not (target / "index.jsonl").exists():
-                    write_index(target, [])
-                shards = read_index(target)
-                taken = {s.name for s in shards}
-                name, n = info.name, 1
-                while name in taken or (target / f"{name}.rec").exists():
-                    name, n = f"{info.name}-{n}", n + 1
-                for suffix in (".rec", ".idx"):
-                    tmp = target / f".merge-{os.getpid()}{suffix}"
-                    shutil.copyfile(source / f"{info.name}{suffix}", tmp)
-                    os.replace(tmp, target / f"{name}{suffix}")
-                new = ShardInfo(name, info.records, info.bytes, info.block_records, info.mask)
-                write_index(target, [*shards, new])
-                added.append(new)
+        added += _add_shards(target, source, read_index(source))
     return added
+
+
+def import_original(
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    *,
+    append: bool = False,
+    block_records: int = DEFAULT_BLOCK_RECORDS,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Convert an original CPM-Bee dataset (``meta.bin`` + data files) into shards of ``target``.
+
+    Each data file becomes one shard named after it (masked files stay masked), its records identical and
+    in order. Pickled records go through ``cpmbee.data.original``'s restricted unpickler; every record is
+    checked, and the counts against ``meta.bin``. The shards are written to a staging directory inside
+    ``target`` and added to its index in one step, so a failed import adds nothing. ``target`` must not
+    be a dataset yet unless ``append``. Returns one summary per file: name, shard, records, serializers.
+    """
+    from tqdm.auto import tqdm
+
+    src = OriginalDataset(source)
+    if not src.files:
+        raise ValueError(f"{source}/{META} lists no data files")
+    target = Path(target)
+    if not append and target.exists() and any(target.iterdir()):
+        what = "a dataset" if (target / INDEX).exists() else "not empty"
+        raise ValueError(f"{target} is {what}: pass --append (append=True) to add to a dataset")
+    if append and target.exists() and not (target / INDEX).exists() and any(target.iterdir()):
+        raise ValueError(f"{target}: not a cpmbee dataset (no {INDEX}) and not empty")
+    created = not target.exists()
+    target.mkdir(parents=True, exist_ok=True)
+    staging = target / f".import-{os.getpid()}"
+    summary: list[dict[str, Any]] = []
+    staged: list[ShardInfo] = []
+    bar = tqdm(total=sum(f.records for f in src.files), unit=" records", disable=None if progress else True)
+    try:
+        for k, info in enumerate(src.files):
+            bar.set_postfix_str(info.name)
+            kinds: dict[str, int] = {}
+            name = info.name if _NAME.match(info.name) else f"shard-{k:05d}"
+            writer = ShardWriter(staging, name, block_records=block_records)
+            try:
+                for value, kind in src.iter_file(k):
+                    writer.write_raw(encode_json(value))
+                    kinds[kind] = kinds.get(kind, 0) + 1
+                    bar.update()
+            except BaseException:
+                writer.abort()
+                raise
+            shard = writer.close()
+            shard.mask = info.mask
+            staged.append(shard)
+            summary.append(
+                {"file": info.name, "records": shard.records, "serializers": kinds, "mask": info.mask}
+            )
+        added = _add_shards(target, staging, staged, move=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):  # only if nothing else appeared in it meanwhile
+                target.rmdir()
+        raise
+    finally:
+        bar.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    for entry, shard in zip(summary, added):
+        entry["shard"] = shard.name
+    return summary
 
 
 def compact_dataset(directory: str | os.PathLike, *, delete_masked: bool = False) -> list[str]:
@@ -237,10 +321,14 @@ def compact_dataset(directory: str | os.PathLike, *, delete_masked: bool = False
 
 
 def dataset_info(directory: str | os.PathLike) -> dict[str, Any]:
-    """A summary: shards, records, bytes, blocks (masked shards flagged)."""
+    """A summary: shards, records, bytes, blocks (masked shards flagged); for an original CPM-Bee
+    dataset its files (``OriginalDataset.describe``)."""
+    if not (Path(directory) / INDEX).is_file() and (Path(directory) / META).is_file():
+        return OriginalDataset(directory).describe()
     shards = read_index(directory)
     return {
         "path": str(directory),
+        "format": "cpmbee shards",
         "records": sum(s.records for s in shards if not s.mask),
         "bytes": sum(s.bytes for s in shards if not s.mask),
         "blocks": sum(s.blocks for s in shards),

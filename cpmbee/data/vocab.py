@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..files import write_text_atomic
 from .jsonl import iter_jsonl
 
 __all__ = ["SPECIAL_TOKENS", "build_vocab", "iter_corpus_texts", "write_vocab"]
@@ -139,9 +140,4 @@ def build_vocab(
 
 def write_vocab(entries: list[str], path: str | os.PathLike) -> Path:
     """Write entries one per line (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(entries) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "\n".join(entries) + "\n")

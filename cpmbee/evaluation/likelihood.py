@@ -16,7 +16,7 @@ log-likelihood and the greedy check of every labelled position, the closing ``</
 * ``loss`` — cross-entropy per answer token over the whole set (token-weighted).
 * ``exact_match`` — share of samples whose answer greedy decoding would reproduce token for token: with
   teacher forcing, every answer token (and the closing ``</s>``) is the highest-scoring allowed column
-  (``objective.allowed_columns``). Greedy decoding makes the same choices as long as they are right, so
+  (``cpmbee.generation.allowed_output_columns``). Greedy decoding makes the same choices as long as they are right, so
   this equals "greedy output == reference" without running generation.
 * ``accuracy`` — on choice samples, the most likely candidate against the reference; random guessing scores
   ``1 / number of options``.
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..data.finetune import FinetuneCollator, choice_candidates
+from ..distributed import all_reduce
 from ..prompt import ANSWER_KEY
 
 __all__ = ["AnswerScore", "best_candidate", "candidate_samples", "evaluate", "score_answers", "score_batch"]
@@ -182,9 +183,7 @@ def evaluate(
         device = accelerator.device if accelerator is not None else next(objective.parameters()).device
     rows = [row for i in range(rank, len(samples), world) for row in _rows_for(i, samples[i], choices)]
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    count = torch.tensor([len(batches)], dtype=torch.float64, device=device)
-    if accelerator is not None and world > 1:
-        count = accelerator.gather(count).max().reshape(1)
+    count = all_reduce(torch.tensor([len(batches)], dtype=torch.float64, device=device), "max")
     filler = _rows_for(0, samples[0], False)  # forwards whose results are dropped, to keep processes in step
 
     was_training = objective.training
@@ -217,8 +216,7 @@ def evaluate(
         totals[1] += score.tokens()
         totals[2] += score.greedy()
         totals[3] += 1
-    if accelerator is not None and world > 1:
-        totals = accelerator.reduce(totals, "sum")
+    totals = all_reduce(totals)
     loss_sum, tokens, exact, n, correct, n_choice = (float(x) for x in totals)
     metrics = {
         "loss": loss_sum / max(tokens, 1.0),

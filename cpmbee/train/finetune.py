@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import _atomic_directory
 from ..data.finetune import FinetuneCollator, GlobalBatchOrder, read_jsonl, scan_samples
 from ..evaluation.likelihood import evaluate
+from ..files import atomic_directory
 from .checkpointing import CheckpointManager
 from .finetune_args import FinetuneArgs
 from .metrics import ConsoleSink, JsonlSink, MetricsLogger, TensorBoardSink
@@ -202,7 +202,7 @@ class _Finetune:
 
     def _export(self, directory: Path, state: dict[str, torch.Tensor]) -> None:
         """Write a deliverable: a PEFT adapter dir (LoRA) or a model dir with the tokenizer (full)."""
-        with _quiet_saves(), _atomic_directory(directory) as tmp:
+        with _quiet_saves(), atomic_directory(directory) as tmp:
             model = self._unwrapped_model()
             if self.args.method == "lora":
                 model.save_pretrained(str(tmp), state_dict=state)

@@ -18,32 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..generation import allowed_output_columns
 from ..prompt import TrainingBatch
 
-__all__ = ["AnswerObjective", "allowed_columns"]
+__all__ = ["AnswerObjective"]
 
 BATCH_KEYS = TrainingBatch.TENSOR_FIELDS  # what make_training_batch / the collators produce
-
-
-def allowed_columns(batch: dict[str, torch.Tensor], vocab_size: int, unk_id: int) -> torch.Tensor:
-    """``(B, V + E)`` bool: the output columns greedy decoding may pick for each row.
-
-    As CPM-Bee generation does: every vocabulary id except ``<unk>`` (allowed only when the row's context
-    has unknown text), plus the ext columns whose ``(id, sub)`` token occurs in the row's context.
-    """
-    ids, subs = batch["input_ids"], batch["input_id_sub"]
-    b, length = ids.shape
-    valid = torch.arange(length, device=ids.device)[None, :] < batch["length"][:, None]
-    given = batch["context"].bool() & valid  # (B, L)
-    ext_ids, ext_subs = batch["ext_table_ids"], batch["ext_table_sub"]
-    present = (
-        (ids[:, :, None] == ext_ids[None, None, :])
-        & (subs[:, :, None] == ext_subs[None, None, :])
-        & given[..., None]
-    ).any(dim=1)  # (B, E)
-    vocab = torch.ones(b, vocab_size, dtype=torch.bool, device=ids.device)
-    vocab[:, unk_id] = ((ids == unk_id) & given).any(dim=1)
-    return torch.cat([vocab, present], dim=1)
 
 
 class AnswerObjective(nn.Module):
@@ -75,11 +55,11 @@ class AnswerObjective(nn.Module):
 
         Returns ``loss_sum`` (scalar, differentiable), ``tokens`` (labelled positions); with ``token_stats``:
         ``token_loss`` ``(N,)`` the detached cross-entropy of each labelled position and ``label_mask``
-        ``(B, L)`` where they are (row-major order); with
-        ``row_stats``: ``row_loss`` ``(B,)`` summed cross-entropy per row, ``row_tokens`` ``(B,)``,
-        ``row_exact`` ``(B,)`` bool — every answer token is the greedy choice (``allowed_columns``), i.e.
-        greedy decoding would reproduce the answer; with ``token_greedy``: ``token_greedy`` ``(N,)`` bool,
-        whether each labelled position's label is its highest-scoring allowed column.
+        ``(B, L)`` where they are (row-major order); with ``row_stats``: ``row_loss`` ``(B,)`` summed
+        cross-entropy per row, ``row_tokens`` ``(B,)``, ``row_exact`` ``(B,)`` bool — every answer token is the
+        greedy choice among the allowed columns (``cpmbee.generation.allowed_output_columns``), i.e. greedy
+        decoding would reproduce the answer; with ``token_greedy``: ``token_greedy`` ``(N,)`` bool, whether
+        each labelled position's label is its highest-scoring allowed column.
         """
         unknown = set(batch) - set(BATCH_KEYS)
         if unknown:
@@ -111,7 +91,7 @@ class AnswerObjective(nn.Module):
             out["label_mask"] = mask
         if row_stats or token_greedy:
             rows = mask.nonzero()[:, 0].to(logits.device)  # row of each labelled position
-            allowed = allowed_columns(
+            allowed = allowed_output_columns(
                 {k: v.to(logits.device) for k, v in batch.items()}, lm.config.vocab_size, self.unk_id
             )
             scores = logits.detach().masked_fill(~allowed[rows], float("-inf"))
