@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from .checkpoint import load_model
+from .dtypes import compute_dtype
 from .files import find_vocab
-from .model import CpmBeeForCausalLM
-from .tokenizer import CpmBeeTokenizer
+from .hf import CpmBeeForCausalLM, CpmBeeTokenizer
 
 __all__ = ["DEFAULT_MODEL_NAME", "default_model_path", "load_model_and_tokenizer", "resolve_device"]
 
@@ -56,7 +56,8 @@ def load_model_and_tokenizer(
     Args:
         path: the model; ``None`` → the embedded default model.
         device: ``"cpu"``, ``"cuda:0"``, …; ``None``/``"auto"`` picks CUDA when available.
-        dtype: compute dtype; default float32 on the CPU and the checkpoint's own elsewhere.
+        dtype: compute dtype (any spelling, ``cpmbee.dtypes``); default float32 on the CPU and the
+            checkpoint's own elsewhere; half precision on the CPU warns.
         quantize: ``"int8"`` or ``"nf4"`` (bitsandbytes weight-only), after loading.
         compile: compile the decode step (``cpmbee.generation.compile_decoding``): slow first call, faster
             decoding after.
@@ -66,9 +67,7 @@ def load_model_and_tokenizer(
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     target = resolve_device(device)
-    if dtype is None and target.type == "cpu":
-        dtype = torch.float32  # half precision matmuls are slow or missing on most CPUs
-    model = load_model(path, dtype=dtype, attn_implementation=attn_implementation)
+    model = load_model(path, dtype=compute_dtype(dtype, target), attn_implementation=attn_implementation)
     tokenizer = CpmBeeTokenizer(find_vocab(path))
     if quantize is not None:
         from .quantize import quantize_model

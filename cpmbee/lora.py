@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from .files import atomic_directory
-from .model import CpmBeeForCausalLM, CpmBeeLinear
+from .hf import CpmBeeForCausalLM
+from .model import CpmBeeLinear
 
 __all__ = [
     "DEFAULT_TARGETS",

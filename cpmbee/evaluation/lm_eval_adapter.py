@@ -124,7 +124,7 @@ class CpmBeeLM(LM):
         self.max_length = _positive("max_length", max_length)
         self.window = _positive("window", window)
         self.score_eos = str(score_eos).lower() in ("true", "1", "yes")
-        from ..train.objective import AnswerObjective
+        from ..objective import AnswerObjective
 
         self.objective = AnswerObjective(self.model, unk_id=tokenizer.unk_id)
 

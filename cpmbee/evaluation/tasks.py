@@ -296,7 +296,7 @@ def run_task(
         predictions: include per-example predictions in the entry.
         show_progress: a tqdm progress bar on stderr.
     """
-    from ..train.objective import AnswerObjective
+    from ..objective import AnswerObjective
 
     if kind not in (*KINDS, "auto"):
         raise ValueError(f"kind must be one of {[*KINDS, 'auto']}, got {kind!r}")

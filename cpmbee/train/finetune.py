@@ -33,11 +33,11 @@ import torch
 from ..data.finetune import FinetuneCollator, GlobalBatchOrder, read_jsonl, scan_samples
 from ..evaluation.likelihood import evaluate
 from ..files import atomic_directory
+from ..objective import AnswerObjective
 from .checkpointing import CheckpointManager
 from .finetune_args import FinetuneArgs
 from .metrics import ConsoleSink, JsonlSink, MetricsLogger, TensorBoardSink
 from .monitor import memory_gb
-from .objective import AnswerObjective
 from .rundir import RunDirectory
 from .schedule import build_scheduler
 
@@ -105,8 +105,7 @@ class _Finetune:
     def load(self) -> None:
         from ..checkpoint import load_model
         from ..config import CpmBeeConfig
-        from ..model import CpmBeeForCausalLM
-        from ..tokenizer import CpmBeeTokenizer
+        from ..hf import CpmBeeForCausalLM, CpmBeeTokenizer
 
         args = self.args
         vocab = args.vocab
@@ -134,9 +133,9 @@ class _Finetune:
                 )
             model = CpmBeeForCausalLM(config)
             if args.method == "lora" and args.dtype:
-                from ..checkpoint import _resolve_dtype
+                from ..dtypes import torch_dtype
 
-                model.to(_resolve_dtype(args.dtype))
+                model.to(torch_dtype(args.dtype))
         self.model_info["parameters"] = sum(p.numel() for p in model.parameters())
         model.train()
         if args.gradient_checkpointing:
