@@ -35,6 +35,7 @@ from torch import nn
 from .files import atomic_directory
 from .hf import CpmBeeForCausalLM
 from .model import CpmBeeLinear
+from .quantize import quiet_bitsandbytes_import
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -59,7 +60,8 @@ _PREFIX = "cpmbee."
 
 def _peft() -> Any:
     try:
-        import peft
+        with quiet_bitsandbytes_import():
+            import peft
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
             "LoRA needs the `peft` package: pip install 'cpmbee[lora]' (or pip install peft)"

@@ -48,9 +48,9 @@ def _layer_of(module: str, layers: list[list[str]]) -> int | None:
     best: tuple[int, int] | None = None
     for index, names in enumerate(layers):
         for name in names:
-            if module == name or (name != "cpmbee" and module.startswith(name + ".")):
-                if best is None or len(name) > best[1]:
-                    best = (index, len(name))
+            covers = module == name or (name != "cpmbee" and module.startswith(name + "."))
+            if covers and (best is None or len(name) > best[1]):
+                best = (index, len(name))
     return None if best is None else best[0]
 
 
