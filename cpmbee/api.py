@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -75,16 +75,22 @@ def load_model_and_tokenizer(
         bits = {"int8": 8, "nf4": 4, "fp4": 4}.get(quantize)
         if bits is None:
             raise ValueError(f"quantize must be 'int8', 'nf4' or 'fp4', got {quantize!r}")
-        kwargs = {"quant_type": quantize} if bits == 4 else {}
-        model = quantize_model(model.to(target), bits, **kwargs)
+        model = cast(CpmBeeForCausalLM, quantize_model(_moved(model, target), bits, quant_type=quantize))
     elif dispatch.get("max_memory"):
         from .offload import dispatch_with_memory_limit
 
-        model = dispatch_with_memory_limit(model, **dispatch)
+        model = cast(CpmBeeForCausalLM, dispatch_with_memory_limit(model, **dispatch))
     else:
-        model = model.to(target)
+        _moved(model, target)
     if compile:
         from .generation import compile_decoding
 
         compile_decoding(model)
-    return model.eval(), tokenizer
+    model.eval()
+    return model, tokenizer
+
+
+def _moved(model: CpmBeeForCausalLM, device: torch.device) -> CpmBeeForCausalLM:
+    """``model.to(device)`` (in place), typed: transformers' wrapper of ``to`` hides nn.Module's signature."""
+    torch.nn.Module.to(model, device)
+    return model

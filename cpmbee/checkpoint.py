@@ -164,8 +164,9 @@ def load_model(
     if attn_implementation is not None:
         model.config._attn_implementation = attn_implementation
     if device is not None:
-        model.to(device)
-    return model.eval()
+        torch.nn.Module.to(model, device)  # transformers' wrapper of `to` hides nn.Module's signature
+    model.eval()
+    return model
 
 
 def convert(

@@ -29,7 +29,7 @@ _PRUNED_48 = (
     "FF TF FF TF TT TF TT TT FF FF TT TF TF TT FF TT FF FT TF TT FF FT TT TT "
     "FF TT FF TT TT FF TT FF TT FF TT TF TT TT TT FF TT FF TT TT FF TT FF FF"
 )
-PRUNED_MASK_MODULES: list[list[bool]] = [[a == "T", f == "T"] for a, f in _PRUNED_48.split()]
+PRUNED_MASK_MODULES: list[list[bool]] = [[pair[0] == "T", pair[1] == "T"] for pair in _PRUNED_48.split()]
 
 _COMMON = {
     "vocab_size": 86583,

@@ -131,14 +131,15 @@ def compile_decoding(model: CpmBeeForCausalLMBase, **compile_options: Any) -> Cp
     operator overhead: see BENCHMARKS.md. Results equal eager decoding up to float rounding (inductor fuses
     the element-wise operations). Not for models dispatched over devices with accelerate hooks.
     ``compile_options`` go to ``torch.compile`` (``mode``, ``backend``, …)."""
-    if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
+    device_map: dict[str, Any] | None = getattr(model, "hf_device_map", None)
+    if device_map and len(set(device_map.values())) > 1:
         raise ValueError("compile_decoding: a model dispatched over several devices cannot be compiled")
     options = {"dynamic": True, **compile_options}
     setattr(model, _COMPILED, torch.compile(model.forward, **options))
     return model
 
 
-def allowed_output_columns(inputs: Mapping[str, torch.Tensor], vocab_size: int, unk_id: int) -> torch.Tensor:
+def allowed_output_columns(inputs: Mapping[str, Any], vocab_size: int, unk_id: int) -> torch.Tensor:
     """``(B, V + E)`` bool: the output columns each row may produce (the rule decoding applies every step and
     training's greedy exact-match check assumes).
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import BatchEncoding, GenerationConfig, GenerationMixin
@@ -89,14 +89,15 @@ class CpmBeeTokenizer(CpmBeeTokenizerBase):
       ``labels`` (``cpmbee.data.finetune.prepare_for_finetune``).
     """
 
-    def __call__(self, text: Any = None, *args: Any, **kwargs: Any) -> BatchEncoding:  # type: ignore[override]
+    def __call__(self, text: Any = None, *args: Any, **kwargs: Any) -> BatchEncoding:
         if _is_structured(text):
             if args:
                 raise TypeError("tokenizer(data): CPM-Bee dicts take no second positional argument")
             return self._encode_structured(text, **kwargs)
         if _is_text(text) and not args and kwargs.get("text_pair") is None:
             return self._encode_text(text, **kwargs)
-        return super().__call__(text, *args, **kwargs)
+        encoding: BatchEncoding = super().__call__(text, *args, **kwargs)
+        return encoding
 
     def _encode_structured(
         self, data: Any, return_tensors: str | None = None, device: Any = None
@@ -234,9 +235,7 @@ class CpmBeeForCausalLM(CpmBeeForCausalLMBase, GenerationMixin):
     defaults to 100, as CPM-Bee's own ``generate``. Others raise ``ValueError``.
     """
 
-    def generate(  # type: ignore[override]
-        self, inputs: Any = None, generation_config: Any = None, **kwargs: Any
-    ) -> Any:
+    def generate(self, inputs: Any = None, generation_config: Any = None, **kwargs: Any) -> Any:
         if inputs is None and "data" in kwargs:  # generate(data=..., tokenizer=...)
             inputs = kwargs.pop("data")
         if _is_structured(inputs):
@@ -251,9 +250,7 @@ class CpmBeeForCausalLM(CpmBeeForCausalLMBase, GenerationMixin):
         return self._generate_from_ids(inputs, generation_config, **kwargs)
 
     @classmethod
-    def from_pretrained(  # type: ignore[override]
-        cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any
-    ) -> Any:
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
         """transformers' loader with the dtype rule of ``cpmbee.dtypes``: without ``dtype`` (or with
         ``"auto"``) the model computes in float32 on a CPU and in its checkpoint's dtype on a GPU; half
         precision asked for on a CPU warns."""
@@ -304,7 +301,7 @@ class CpmBeeForCausalLM(CpmBeeForCausalLMBase, GenerationMixin):
             out[b, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
         sequences = torch.cat([input_ids, out], dim=1)
         if _setting(config, "return_dict_in_generate", False):
-            return GenerateDecoderOnlyOutput(sequences=sequences)
+            return GenerateDecoderOnlyOutput(sequences=cast(torch.LongTensor, sequences))
         return sequences
 
     def _rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -156,7 +156,9 @@ class CpmBeeEmbeddingExt(nn.Module):
     def forward(
         self, ids: torch.Tensor, subs: torch.Tensor, hidden_states: torch.Tensor | None = None
     ) -> torch.Tensor:
-        embeds = self.rotary_emb(F.embedding(ids, self.weight) / self.scale, subs)  # (*ids.shape, D)
+        embeds: torch.Tensor = self.rotary_emb(
+            F.embedding(ids, self.weight) / self.scale, subs
+        )  # (*ids.shape, D)
         if hidden_states is None:
             return embeds
         h = hidden_states.to(self.weight.device)
@@ -253,15 +255,16 @@ class CpmBeeCache:
         """Record the metadata of ``L`` new tokens; returns the metadata of all keys (cached + new)."""
         length = meta["position"].shape[1]
         start, end = self.seq_length, self.seq_length + length
+        new = cast(Mapping[str, torch.Tensor], meta)
         if not self.meta:
             device = self.device or meta["position"].device
             self.meta = {
                 k: torch.zeros(self.batch_size, self.capacity, dtype=v.dtype, device=device)
-                for k, v in meta.items()
+                for k, v in new.items()
             }
         if end > self.capacity:
             self._grow(end)
-        for name, value in meta.items():
+        for name, value in new.items():
             self.meta[name][:, start:end] = value
         self.seq_length = end
         self._pending = (start, end)
@@ -355,7 +358,8 @@ class CpmBeeAttention(nn.Module):
                 scale=1.0 / math.sqrt(self.dim_head),
             )
         out = out.transpose(1, 2).reshape(b, length, self.num_heads * self.dim_head)  # (B, L, H*Dh)
-        return self.attention_out(out)
+        projected: torch.Tensor = self.attention_out(out)
+        return projected
 
 
 class CpmBeeSelfAttentionBlock(nn.Module):
@@ -387,7 +391,9 @@ class CpmBeeDenseGatedACT(nn.Module):
         self.w_1 = CpmBeeLinear(dim_in, dim_ff)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.w_0(x)) * self.w_1(x)  # (B, L, F)
+        gate, up = F.gelu(self.w_0(x)), self.w_1(x)
+        out: torch.Tensor = gate * up  # (B, L, F)
+        return out
 
 
 class CpmBeeFeedForward(nn.Module):
@@ -398,7 +404,8 @@ class CpmBeeFeedForward(nn.Module):
         self.dropout_p = float(config.dropout_p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_out(_dropout(self.w_in(x), self.dropout_p, self.training))
+        out: torch.Tensor = self.w_out(_dropout(self.w_in(x), self.dropout_p, self.training))
+        return out
 
 
 class CpmBeeFFNBlock(nn.Module):
@@ -527,7 +534,7 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             config.position_bias_max_distance,
         )
         self.gradient_checkpointing = False
-        self.post_init()
+        self.post_init()  # type: ignore[no-untyped-call]
 
     def get_input_embeddings(self) -> CpmBeeEmbeddingExt:
         return self.input_embedding
@@ -654,10 +661,11 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         hidden = self.encoder.output_layernorm(hidden)
         if all_hidden is not None:
             all_hidden[-1] = hidden
+        returned: dict[str, Any] = {_CACHE_FIELD: cache if use_cache else None}
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            **{_CACHE_FIELD: cache if use_cache else None},
+            **returned,
         )
 
 
@@ -671,7 +679,7 @@ class CpmBeeForCausalLMBase(CpmBeePreTrainedModel):
     def __init__(self, config: CpmBeeConfig) -> None:
         super().__init__(config)
         self.cpmbee = CpmBeeModel(config)
-        self.post_init()
+        self.post_init()  # type: ignore[no-untyped-call]
 
     def get_input_embeddings(self) -> CpmBeeEmbeddingExt:
         return self.cpmbee.input_embedding
@@ -729,9 +737,5 @@ class CpmBeeForCausalLMBase(CpmBeePreTrainedModel):
                 logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
             )
             loss = total / (labels != -100).sum().clamp(min=1)
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=out.hidden_states,
-            **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)},
-        )
+        returned: dict[str, Any] = {_CACHE_FIELD: getattr(out, _CACHE_FIELD)}
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states, **returned)

@@ -13,7 +13,7 @@ normalize by the token count of the whole optimizer step across processes and ac
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import nn
 
 from .generation import allowed_output_columns
 from .inputs import BATCH_NAMES
+from .model import CpmBeeForCausalLMBase
 
 __all__ = ["AnswerObjective"]
 
@@ -41,9 +42,10 @@ class AnswerObjective(nn.Module):
         self.unk_id = unk_id
 
     @property
-    def lm(self) -> nn.Module:
+    def lm(self) -> CpmBeeForCausalLMBase:
         """The ``CpmBeeForCausalLM`` inside (adapters, if any, stay injected in its layers)."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        get_base_model = getattr(self.model, "get_base_model", None)
+        return cast(CpmBeeForCausalLMBase, get_base_model() if get_base_model is not None else self.model)
 
     def forward(
         self,

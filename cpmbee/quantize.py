@@ -55,7 +55,7 @@ def _bnb() -> Any:
 def _scaled(base: type, scale: float) -> type:
     """A subclass of a bitsandbytes linear whose output is divided by ``scale`` like ``CpmBeeLinear``."""
 
-    class Scaled(base):  # type: ignore[misc, valid-type]
+    class Scaled(base):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x) / self.cpmbee_scale
 
@@ -119,7 +119,8 @@ def quantize_model(
         new = new.to(device)  # bitsandbytes quantizes when the weight is moved
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-    model.config.quantization = {"bits": bits, "quant_type": quant_type if bits == 4 else "llm.int8"}
+    config: Any = model.config  # a PreTrainedConfig: quantization is recorded there for /health and saves
+    config.quantization = {"bits": bits, "quant_type": quant_type if bits == 4 else "llm.int8"}
     return model
 
 

@@ -106,7 +106,7 @@ def unescape(text: str) -> str:
     return text.replace("<<", "<")
 
 
-def load_vocab_lines(vocab_file: str | os.PathLike) -> list[str]:
+def load_vocab_lines(vocab_file: str | os.PathLike[str]) -> list[str]:
     """Vocabulary entries in id order (the file's non-empty lines, as the original reads them)."""
     with open(vocab_file, encoding="utf-8", newline=None) as f:
         lines = f.read().split("\n")
@@ -232,7 +232,7 @@ class CpmBeeTokenizerBase(PreTrainedTokenizer):
 
     def __init__(
         self,
-        vocab_file: str | os.PathLike,
+        vocab_file: str | os.PathLike[str],
         bos_token: str = "<s>",
         eos_token: str = "</s>",
         unk_token: str = "<unk>",
@@ -262,7 +262,7 @@ class CpmBeeTokenizerBase(PreTrainedTokenizer):
         for name, token in (("bos_token", bos_token), ("eos_token", eos_token), ("unk_token", unk_token)):
             if str(token) not in encoder:
                 raise ValueError(f"{vocab_file}: {name} {str(token)!r} is not in the vocabulary")
-        super().__init__(
+        super().__init__(  # type: ignore[no-untyped-call]
             bos_token=bos_token,
             eos_token=eos_token,
             unk_token=unk_token,
@@ -311,7 +311,7 @@ class CpmBeeTokenizerBase(PreTrainedTokenizer):
                 out.extend(Piece(p, NORMAL if i >= 0 else UNKNOWN) for i, p in zip(ids, texts))
         return out
 
-    def encode(  # type: ignore[override]
+    def encode(
         self, text: str, past_table: Mapping[int, str] | None = None, *, add_special_tokens: bool = False
     ) -> EncodedText:
         """Token ids of ``text`` and the ext table for the ids ``>= vocab_size``.
@@ -372,19 +372,21 @@ class CpmBeeTokenizerBase(PreTrainedTokenizer):
         so the result can be fed back to ``encode``. With ``skip_special_tokens`` the vocabulary special
         tokens are dropped.
         """
+        table: Mapping[int, str] = {}
         if isinstance(ext_table, bool):  # transformers-style positional `skip_special_tokens`
-            skip_special_tokens, ext_table = ext_table, None
+            skip_special_tokens = ext_table
+        elif ext_table is not None:
+            table = ext_table
         if isinstance(token_ids, EncodedText):  # decode(encode(text))
-            if ext_table is not None:
+            if ext_table is not None and not isinstance(ext_table, bool):
                 raise ValueError("decode: an EncodedText carries its own ext table; give no ext_table")
-            token_ids, ext_table = token_ids.ids, token_ids.ext_table
+            table = token_ids.ext_table
+            token_ids = token_ids.ids
         if hasattr(token_ids, "tolist"):
             token_ids = token_ids.tolist()
-        if isinstance(token_ids, int):
-            token_ids = [token_ids]
-        table = ext_table or {}
+        ids: Iterable[Any] = [token_ids] if isinstance(token_ids, int) else token_ids
         out: list[str] = []
-        for token_id in token_ids:
+        for token_id in ids:
             token_id = int(token_id)
             if token_id in table:
                 out.append(table[token_id])

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..inputs import CpmBeeBatch
 from ..prompt import (
     ANSWER_KEY,
     DEFAULT_MAX_DEPTH,
@@ -275,7 +276,7 @@ def prepare_for_finetune(
         return batch
     from transformers import BatchEncoding
 
-    return BatchEncoding(batch.model_inputs())
+    return BatchEncoding(dict(batch.model_inputs()))
 
 
 class FinetuneCollator:
@@ -326,7 +327,7 @@ class FinetuneCollator:
         self.truncated += truncated
         return _batch(self.tokenizer, rows, self.pad_to_multiple_of)
 
-    def __call__(self, samples: Any) -> dict[str, Any]:
+    def __call__(self, samples: Any) -> CpmBeeBatch:
         return self.encode(samples).model_inputs()
 
 

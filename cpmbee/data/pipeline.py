@@ -160,7 +160,9 @@ class DataPipeline:
         self._states: list[dict[str, Any] | None] = list(states)
         offset = self.consumed % self.per_rank
         if num_workers == 0:
-            self._stream = self.spec.build(self.first, states[0], restore_rows, stream_seed)
+            self._stream: MixedStream | None = self.spec.build(
+                self.first, states[0], restore_rows, stream_seed
+            )
             self._iter: Iterator[Any] | None = None
         else:
             self._stream = None
@@ -198,9 +200,7 @@ class DataPipeline:
         self._iter = None
 
 
-def gather_state(
-    parts: list[Mapping[str, Any]], world_size: int, per_rank: int, spec_seed: int = 0
-) -> dict[str, Any]:
+def gather_state(parts: list[Mapping[str, Any]], world_size: int, per_rank: int) -> dict[str, Any]:
     """Combine every rank's ``state_dict()`` into the global state that ``DataPipeline(state=...)`` takes."""
     streams: dict[int, Any] = {}
     for p in parts:

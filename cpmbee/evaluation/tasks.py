@@ -139,6 +139,7 @@ def _run_choice(
     offset = 0
     for record, filled in zip(records, rows):
         candidates = choice_candidates(record)
+        assert candidates is not None  # the records were sorted into this task kind by it
         mine = scores[offset : offset + len(filled)]  # type: ignore[arg-type]
         offset += len(filled)  # type: ignore[arg-type]
         gold = candidates.index(record[ANSWER_KEY])

@@ -33,6 +33,7 @@ import torch
 from ..data.finetune import FinetuneCollator, GlobalBatchOrder, read_jsonl, scan_samples
 from ..evaluation.likelihood import evaluate
 from ..files import atomic_directory
+from ..inputs import to_device
 from ..objective import AnswerObjective
 from .checkpointing import CheckpointManager
 from .finetune_args import FinetuneArgs
@@ -299,7 +300,7 @@ class _Finetune:
             if self.collator.rng is not None:  # answer shuffles keyed to the position: exact on resume
                 self.collator.rng.seed((self.args.seed * 1_000_003 + micro) % 2**32)
             batch = self.collator([self.train_samples[i] for i in picked])
-            out.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
+            out.append(to_device(batch, self.accelerator.device))
         return out
 
     def _sum(self, *values: float) -> list[float]:
