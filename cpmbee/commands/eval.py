@@ -6,11 +6,14 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .options import ModelArgs, generation_options, model_options, pop_generation_options
+
+if TYPE_CHECKING:
+    from ..hf import CpmBeeForCausalLM
 
 
 def _check(options: dict[str, Any], tasks: tuple[str, ...]) -> dict[str, Any]:
@@ -38,7 +41,7 @@ def _check(options: dict[str, Any], tasks: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _report_config(
-    model_args: ModelArgs, model: Any, options: dict[str, Any], generation: dict[str, Any]
+    model_args: ModelArgs, model: CpmBeeForCausalLM, options: dict[str, Any], generation: dict[str, Any]
 ) -> dict[str, Any]:
     import torch
 

@@ -6,11 +6,15 @@ import itertools
 import json
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .options import ModelArgs, generation_options, model_options, pop_generation_options
+
+if TYPE_CHECKING:
+    from ..generation_options import GenerationOptions
+    from ..hf import CpmBeeForCausalLM, CpmBeeTokenizer
 
 
 def _read_inputs(data: str | None) -> Iterator[tuple[str, Any]]:
@@ -46,7 +50,7 @@ def _batches(items: Iterator[tuple[str, Any]], size: int) -> Iterator[list[tuple
 _SAMPLING_ONLY = ("do_sample", "stop", "min_new_tokens")  # options that need beam size 1
 
 
-def _options(given: dict[str, Any], stream: bool) -> Any:
+def _options(given: dict[str, Any], stream: bool) -> GenerationOptions:
     """``GenerationOptions`` of the command line; without ``--beam-size``: 3 beams, or 1 when streaming or
     when an option needs it."""
     from ..generation_options import GenerationOptions
@@ -64,7 +68,9 @@ def _options(given: dict[str, Any], stream: bool) -> Any:
     return options
 
 
-def _write_stream(model: Any, tokenizer: Any, data: Any, options: Any) -> None:
+def _write_stream(
+    model: CpmBeeForCausalLM, tokenizer: CpmBeeTokenizer, data: Any, options: GenerationOptions
+) -> None:
     from ..generation import stream_generate
 
     for event in stream_generate(model, tokenizer, data, options):
@@ -73,7 +79,12 @@ def _write_stream(model: Any, tokenizer: Any, data: Any, options: Any) -> None:
         sys.stdout.flush()
 
 
-def _write_batch(model: Any, tokenizer: Any, batch: list[tuple[str, Any]], options: Any) -> None:
+def _write_batch(
+    model: CpmBeeForCausalLM,
+    tokenizer: CpmBeeTokenizer,
+    batch: list[tuple[str, Any]],
+    options: GenerationOptions,
+) -> None:
     from ..generation import generate as run_generate
 
     try:

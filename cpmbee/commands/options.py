@@ -20,12 +20,15 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal, NewType, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NewType, TypeVar
 
 import click
 
 from ..dtypes import ALIASES_HELP, DTYPE_NAMES, canonical_dtype
 from ..generation_options import GenerationOptions
+
+if TYPE_CHECKING:
+    from ..hf import CpmBeeForCausalLM, CpmBeeTokenizer
 
 __all__ = [
     "DTYPE",
@@ -108,7 +111,7 @@ class ModelArgs:
             kwargs["offload_folder"] = self.offload_folder
         return kwargs
 
-    def load(self) -> Any:
+    def load(self) -> tuple[CpmBeeForCausalLM, CpmBeeTokenizer]:
         """``(model, tokenizer)``; a bad path or setting raises ``click.ClickException`` naming it."""
         from ..api import load_model_and_tokenizer
 

@@ -38,6 +38,7 @@ from ..prompt import (
     join_samples,
     make_training_batch,
 )
+from ..tokenizer import CpmBeeTokenizerBase
 from .jsonl import iter_jsonl
 
 __all__ = [
@@ -154,7 +155,7 @@ def _water_fill(lengths: Sequence[int], excess: int) -> list[int]:
 
 
 def fit_to_length(
-    tokenizer: Any, data: Any, max_length: int, *, length: int | None = None
+    tokenizer: CpmBeeTokenizerBase, data: Any, max_length: int, *, length: int | None = None
 ) -> tuple[Any, int]:
     """``data`` shortened to at most ``max_length`` tokens by the truncation policy; returns it and the
     number of tokens removed (0: ``data`` itself is returned unchanged).
@@ -186,7 +187,7 @@ def fit_to_length(
 
 # ---------------------------------------------------------------------------------------------------- batches
 def _encode_rows(
-    tokenizer: Any,
+    tokenizer: CpmBeeTokenizerBase,
     samples: Sequence[Any],
     max_length: int,
     truncation: bool,
@@ -221,7 +222,9 @@ def _encode_rows(
     return rows, truncated
 
 
-def _batch(tokenizer: Any, rows: list[list[Any]], pad_to_multiple_of: int | None) -> TrainingBatch:
+def _batch(
+    tokenizer: CpmBeeTokenizerBase, rows: list[list[Any]], pad_to_multiple_of: int | None
+) -> TrainingBatch:
     width = None
     if pad_to_multiple_of:
         longest = max(sum(len(inst) for inst in row) for row in rows)
@@ -239,7 +242,7 @@ def _check_options(max_length: int, pad_to_multiple_of: int | None) -> None:
 
 
 def prepare_for_finetune(
-    tokenizer: Any,
+    tokenizer: CpmBeeTokenizerBase,
     data: Any,
     max_length: int = 2048,
     *,
@@ -291,7 +294,7 @@ class FinetuneCollator:
 
     def __init__(
         self,
-        tokenizer: Any,
+        tokenizer: CpmBeeTokenizerBase,
         max_length: int = 2048,
         *,
         truncation: bool = True,
@@ -332,7 +335,9 @@ class FinetuneCollator:
 
 
 # ---------------------------------------------------------------------------------------------------- runs
-def scan_samples(tokenizer: Any, samples: list[Any], max_length: int, name: str) -> dict[str, int]:
+def scan_samples(
+    tokenizer: CpmBeeTokenizerBase, samples: list[Any], max_length: int, name: str
+) -> dict[str, int]:
     """Encode every sample once: fail early on bad data (naming ``name`` and the 1-based sample number),
     count tokens and the samples that truncation will shorten."""
     tokens = truncated = 0

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..tokenizer import CpmBeeTokenizerBase
 from .mixture import MixedStream, StreamOutput, load_mixture_config, reshard_states
 from .shards import Dataset, _seed
 
@@ -37,7 +38,7 @@ class PipelineBatch(StreamOutput):
 @dataclass
 class _StreamSpec:
     config_path: str
-    tokenizer: Any
+    tokenizer: CpmBeeTokenizerBase
     max_length: int
     batch_size: int
     num_streams: int
@@ -119,7 +120,7 @@ class DataPipeline:
     def __init__(
         self,
         config_path: str | os.PathLike,
-        tokenizer: Any,
+        tokenizer: CpmBeeTokenizerBase,
         *,
         max_length: int,
         batch_size: int,

@@ -29,7 +29,9 @@ from typing import Any
 
 from ..data.finetune import FinetuneCollator, choice_candidates
 from ..data.jsonl import iter_jsonl
+from ..model import CpmBeeForCausalLMBase
 from ..prompt import ANSWER_KEY
+from ..tokenizer import CpmBeeTokenizerBase
 from .likelihood import best_candidate, candidate_samples, score_answers
 from .metrics import exact_match, parse_choice, token_f1
 from .perplexity import score_texts, summarize
@@ -96,8 +98,8 @@ def _check_records(kind: str, records: Sequence[Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- kinds
 def _generate(
-    model: Any,
-    tokenizer: Any,
+    model: CpmBeeForCausalLMBase,
+    tokenizer: CpmBeeTokenizerBase,
     samples: Sequence[Any],
     options: Mapping[str, Any],
     batch_size: int,
@@ -117,8 +119,8 @@ def _generate(
 
 def _run_choice(
     objective: Any,
-    model: Any,
-    tokenizer: Any,
+    model: CpmBeeForCausalLMBase,
+    tokenizer: CpmBeeTokenizerBase,
     records: Sequence[Any],
     collator: FinetuneCollator,
     batch_size: int,
@@ -192,8 +194,8 @@ def _answer_leaves(value: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ..
 
 def _run_generation(
     objective: Any,
-    model: Any,
-    tokenizer: Any,
+    model: CpmBeeForCausalLMBase,
+    tokenizer: CpmBeeTokenizerBase,
     records: Sequence[Any],
     collator: FinetuneCollator,
     batch_size: int,
@@ -239,7 +241,7 @@ def _run_generation(
 
 def _run_perplexity(
     objective: Any,
-    tokenizer: Any,
+    tokenizer: CpmBeeTokenizerBase,
     records: Sequence[Any],
     batch_size: int,
     window: int,
@@ -267,8 +269,8 @@ def _run_perplexity(
 
 # ---------------------------------------------------------------------------------------------------- entry
 def run_task(
-    model: Any,
-    tokenizer: Any,
+    model: CpmBeeForCausalLMBase,
+    tokenizer: CpmBeeTokenizerBase,
     path: str | os.PathLike,
     *,
     kind: str = "auto",
