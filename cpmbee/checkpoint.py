@@ -22,7 +22,6 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -193,13 +192,3 @@ def convert(
         model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(out)
     return dst
-
-
-def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """Summary of a checkpoint directory or file: parameter count, dtypes, masked blocks."""
-    path = Path(path)
-    state = _read_weights(path) if path.is_dir() else load_state_dict(path)
-    dtypes: dict[str, int] = {}
-    for t in state.values():
-        dtypes[str(t.dtype)] = dtypes.get(str(t.dtype), 0) + t.numel()
-    return {"tensors": len(state), "parameters": sum(t.numel() for t in state.values()), "dtypes": dtypes}

@@ -518,6 +518,43 @@ def _one_cache(cache: CpmBeeCache | None, past_key_values: CpmBeeCache | None) -
     return cache if cache is not None else past_key_values
 
 
+def _filled(
+    t: torch.Tensor | None,
+    shape: tuple[int, int],
+    value: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.int32,
+) -> torch.Tensor:
+    """``t``, or a tensor of ``value`` when the input was not given (its documented default)."""
+    return torch.full(shape, value, dtype=dtype, device=device) if t is None else t
+
+
+def _new_tokens(
+    inputs: CpmBeeInputs, shape: tuple[int, int], device: torch.device, start: int
+) -> tuple[TokenMeta, torch.Tensor]:
+    """The metadata of a forward's new tokens as queries (defaults filled in), and which of them are valid
+    keys: positions before ``length`` in right-padded training rows, else ``num_segments != 0``."""
+    b, n = shape
+    position = inputs.get("position")
+    if position is None:
+        position = torch.arange(start, start + n, dtype=torch.int32, device=device).expand(b, -1)
+    length = inputs.get("length")
+    if length is not None:
+        query_valid = key_valid = torch.arange(n, device=device)[None, :] < length.to(device)[:, None]
+    else:
+        query_valid = torch.ones(b, n, dtype=torch.bool, device=device)
+        key_valid = _filled(inputs.get("num_segments"), shape, 1, device) != 0
+    query = TokenMeta(
+        position=position,
+        context=_filled(inputs.get("context"), shape, 1, device, torch.bool).bool(),
+        sample_ids=_filled(inputs.get("sample_ids"), shape, 0, device),
+        segment=_filled(inputs.get("segment"), shape, 0, device),
+        span=_filled(inputs.get("span"), shape, 0, device),
+        valid=query_valid,
+    )
+    return query, key_valid
+
+
 class CpmBeeModel(CpmBeePreTrainedModel):
     """The CPM-Bee transformer without the output projection; returns the final normalized hidden states."""
 
@@ -617,37 +654,21 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         if cache is not None and length is not None:
             raise ValueError("`length` describes right-padded training rows; it cannot be used with a cache")
         start = len(cache) if cache is not None else 0
-
-        def given(t: torch.Tensor | None, value: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-            return torch.full((b, length_q), value, dtype=dtype, device=device) if t is None else t
-
-        position = inputs.get("position")
-        if position is None:
-            position = torch.arange(start, start + length_q, dtype=torch.int32, device=device).expand(b, -1)
-        num_segments = given(inputs.get("num_segments"), 1)
+        shape = (b, length_q)
+        query, key_valid = _new_tokens(inputs, shape, device, start)
+        new_keys = TokenMeta(**{**query, "valid": key_valid})
+        keys = cache.append(new_keys) if cache is not None else new_keys
+        num_segments = _filled(inputs.get("num_segments"), shape, 1, device)
         segment_rel = inputs.get("segment_rel")
         if segment_rel is None:
             segment_rel = torch.zeros(b, 1, dtype=torch.int32, device=device)
-        if length is not None:
-            valid = torch.arange(length_q, device=device)[None, :] < length.to(device)[:, None]
-            query_valid, key_valid = valid, valid
-        else:
-            query_valid = torch.ones(b, length_q, dtype=torch.bool, device=device)
-            key_valid = num_segments != 0
-        query = TokenMeta(
-            position=position,
-            context=given(inputs.get("context"), 1, torch.bool).bool(),
-            sample_ids=given(inputs.get("sample_ids"), 0),
-            segment=given(inputs.get("segment"), 0),
-            span=given(inputs.get("span"), 0),
-            valid=query_valid,
-        )
-        new_keys = TokenMeta(**{**query, "valid": key_valid})
-        keys = cache.append(new_keys) if cache is not None else new_keys
 
-        hidden = self.input_embedding(input_ids, given(inputs.get("input_id_sub"), 0))  # (B, L, D)
+        hidden = self.input_embedding(
+            input_ids, _filled(inputs.get("input_id_sub"), shape, 0, device)
+        )  # (B, L, D)
+        offset = _filled(inputs.get("segment_rel_offset"), shape, 0, device)
         attn_bias, query_ok = self.attention_bias(
-            query, keys, num_segments, given(inputs.get("segment_rel_offset"), 0), segment_rel, hidden.dtype
+            query, keys, num_segments, offset, segment_rel, hidden.dtype
         )
         checked_ok: torch.Tensor | None = query_ok
         if query_ok.device.type == "cpu" and not torch.compiler.is_compiling() and bool(query_ok.all()):

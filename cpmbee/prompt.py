@@ -650,6 +650,30 @@ class TrainingBatch(ArrayBatch):
     raw_data: list[Any]
 
 
+def _label_row(
+    labels: np.ndarray,
+    ids: np.ndarray,
+    subs: np.ndarray,
+    context: np.ndarray,
+    columns: dict[tuple[int, int], int],
+    vocab_size: int,
+    bos_id: int,
+    eos_id: int,
+) -> None:
+    """Write one row's next-token labels into ``labels`` (see ``make_training_batch``); new ``(id, sub)``
+    pairs get the next extra column in ``columns``."""
+    target = ids.astype(np.int64)
+    for j in np.flatnonzero(subs > 0):
+        key = (int(ids[j]), int(subs[j]))
+        target[j] = vocab_size + columns.setdefault(key, len(columns))
+    target[ids == bos_id] = eos_id
+    predict_next = ~context[:-1]
+    predict_next[0] = False  # the original starts at j = 2
+    labels[:-1][predict_next] = target[1:][predict_next]
+    if not context[-1]:
+        labels[-1] = eos_id
+
+
 def make_training_batch(
     rows: Sequence[Sequence[TrainingSample]],
     *,
@@ -716,21 +740,14 @@ def make_training_batch(
             rel_pos += inst.segment_rel.shape[0]
             pos += n
             raw_data.append(inst.raw)
-        n = pos
-        if n == 0:
-            continue
-        ids, subs, ctx = out["input_ids"][b, :n], out["input_id_sub"][b, :n], context[b, :n]
-        target = ids.astype(np.int64)
-        for j in np.flatnonzero(subs > 0):
-            key = (int(ids[j]), int(subs[j]))
-            target[j] = vocab_size + columns.setdefault(key, len(columns))
-        target[ids == bos_id] = eos_id
-        row_labels = labels[b, :n]
-        predict_next = ~ctx[:-1]
-        predict_next[0] = False  # the original starts at j = 2
-        row_labels[:-1][predict_next] = target[1:][predict_next]
-        if not ctx[-1]:
-            row_labels[-1] = eos_id
+        if pos:
+            cells = (
+                labels[b, :pos],
+                out["input_ids"][b, :pos],
+                out["input_id_sub"][b, :pos],
+                context[b, :pos],
+            )
+            _label_row(*cells, columns, vocab_size, bos_id, eos_id)
 
     keys = list(columns) or [(0, 1)]
     return TrainingBatch(

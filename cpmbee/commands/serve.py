@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import click
@@ -118,15 +119,10 @@ def serve(
     model_args = ModelArgs.pop_from(options)
     try:
         model_args.check()
+        loading = {k: v for k, v in dataclasses.asdict(model_args).items() if k != "model"}
         engine, info = load_engine(
             model_args.model,
-            device=model_args.device,
-            dtype=model_args.dtype,
-            quantize=model_args.quantize,
-            memory_limit=model_args.memory_limit,
-            offload_folder=model_args.offload_folder,
-            compile=model_args.compile,
-            attn_implementation=model_args.attn_implementation,
+            **loading,
             max_queue=max_queue,
             max_batch_rows=max_batch_size,
             batch_wait_s=batch_wait_ms / 1000,
