@@ -31,6 +31,7 @@ malformed input raises ``ValueError`` naming the offending field, e.g. ``data['<
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -359,37 +360,22 @@ def encode_prompt(
     if not predict:
         raise ValueError(f"{_field((ANSWER_KEY,))}: no answer to predict")
 
-    ids, subs, segments = enc.ids[keep], enc.subs[keep], enc.segments[keep]
-    parts = [
-        (ids, subs, segments, np.zeros_like(ids), np.full_like(ids, enc.num_segments), np.zeros_like(ids))
-    ]
-    rels = [enc.segment_rel]
-    rel_len = enc.segment_rel.shape[0]
-    state = enc.ext_state
-    for k, sample in enumerate(samples, start=1):
-        s = encode_sample(tokenizer, sample, max_depth=max_depth, ext_state=state)
-        state = s.ext_state
-        parts.append(
-            (
-                s.ids,
-                s.subs,
-                s.segments,
-                np.full_like(s.ids, k),
-                np.full_like(s.ids, s.num_segments),
-                np.full_like(s.ids, rel_len),
-            )
-        )
-        rels.append(s.segment_rel)
-        rel_len += s.segment_rel.shape[0]
-    cols = [np.concatenate(c).astype(np.int32) for c in zip(*parts)]
+    given = dataclasses.replace(
+        enc, ids=enc.ids[keep], subs=enc.subs[keep], context=enc.context[keep], segments=enc.segments[keep]
+    )
+    state, extra = enc.ext_state, []
+    for sample in samples:
+        extra.append(encode_sample(tokenizer, sample, max_depth=max_depth, ext_state=state))
+        state = extra[-1].ext_state
+    joined = join_samples(given, extra)
     return PromptSample(
-        ids=cols[0],
-        subs=cols[1],
-        segments=cols[2],
-        sample_ids=cols[3],
-        num_segments=cols[4],
-        segment_rel_offset=cols[5],
-        segment_rel=np.concatenate(rels).astype(np.int32),
+        ids=joined.ids,
+        subs=joined.subs,
+        segments=joined.segments,
+        sample_ids=joined.sample_ids,
+        num_segments=joined.num_segments,
+        segment_rel_offset=joined.segment_rel_offset,
+        segment_rel=joined.segment_rel,
         predict_segments=predict,
         answer_paths=paths,
         ext_state=state,

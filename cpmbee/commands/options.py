@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPE",
+    "HOST",
     "Dtype",
     "ModelArgs",
     "dataclass_options",
@@ -60,6 +61,11 @@ class _DtypeType(click.ParamType):
 
 
 DTYPE = _DtypeType()
+
+HOST = click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default)."
+)
+"""``--host`` of the commands that listen (serve, live)."""
 
 
 @dataclass

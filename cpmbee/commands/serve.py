@@ -7,14 +7,12 @@ from typing import Any
 
 import click
 
-from .options import ModelArgs, model_options
+from .options import HOST, ModelArgs, model_options
 
 
 @click.command()
 @model_options
-@click.option(
-    "--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default)."
-)
+@HOST
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option(
     "--api-key",

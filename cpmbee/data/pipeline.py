@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..prompt import DEFAULT_MAX_DEPTH
 from ..tokenizer import CpmBeeTokenizerBase
 from .mixture import MixedStream, StreamOutput, load_mixture_config, reshard_states
 from .shards import Dataset, _seed
@@ -128,7 +129,7 @@ class DataPipeline:
         world_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
-        max_depth: int = 8,
+        max_depth: int = DEFAULT_MAX_DEPTH,
         state: Mapping[str, Any] | None = None,
         resume_step: int = 0,
         prefetch: int = 2,
