@@ -116,7 +116,7 @@ def _generate(
 
 
 def _run_choice(
-    objective: Any,
+    objective: AnswerObjective,
     model: CpmBeeForCausalLMBase,
     tokenizer: CpmBeeTokenizerBase,
     records: Sequence[Any],
@@ -191,7 +191,7 @@ def _answer_leaves(value: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ..
 
 
 def _run_generation(
-    objective: Any,
+    objective: AnswerObjective,
     model: CpmBeeForCausalLMBase,
     tokenizer: CpmBeeTokenizerBase,
     records: Sequence[Any],
@@ -238,7 +238,7 @@ def _run_generation(
 
 
 def _run_perplexity(
-    objective: Any,
+    objective: AnswerObjective,
     tokenizer: CpmBeeTokenizerBase,
     records: Sequence[Any],
     batch_size: int,
