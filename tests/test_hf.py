@@ -254,8 +254,8 @@ def test_generation_training_and_peft_print_no_warnings(model_and_tokenizer):
     assert [r.getMessage() for r in handler.records] == []
 
 
-def test_cli_generate_and_peft_import_print_nothing_on_stderr(tmp_path):
-    """A fresh process, so import-time messages count too: `cpmbee generate` (the demo) and importing PEFT
+def test_cli_generate_eval_and_peft_import_print_nothing_on_stderr(tmp_path):
+    """A fresh process, so import-time messages count too: `cpmbee generate` (the demo), `cpmbee eval` and importing PEFT
     for LoRA (bitsandbytes' optional-kernel notice) write nothing to stderr."""
     import subprocess
     import sys
@@ -275,3 +275,13 @@ def test_cli_generate_and_peft_import_print_nothing_on_stderr(tmp_path):
         timeout=600,
     )
     assert res.returncode == 0 and res.stderr == "", res.stderr
+    task = tmp_path / "task.jsonl"
+    record = {"input": TEXT, "options": {"<option_0>": "是", "<option_1>": "否"}, "<ans>": "<option_0>"}
+    task.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    res = subprocess.run(
+        [str(cpmbee), "eval", "--task", str(task), "--by-generation", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0 and "task" in res.stdout and res.stderr == "", res.stderr
