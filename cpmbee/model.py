@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,7 @@ __all__ = [
     "CpmBeeModel",
     "CpmBeePreTrainedModel",
     "CpmBeeTransformerBlock",
+    "KVCache",
 ]
 
 
@@ -205,6 +206,19 @@ class CpmBeeBucketPositionBias(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- cache
+class KVCache(Protocol):
+    """What a forward needs of a cache; ``CpmBeeCache`` is one, and a fixed-capacity (static) cache only has
+    to provide the same three calls (see ``CpmBeeCache`` for their contract)."""
+
+    def __len__(self) -> int: ...
+
+    def append(self, meta: TokenMeta) -> TokenMeta: ...
+
+    def update(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 class CpmBeeCache:
     """Keys/values of every attention layer plus the ``TokenMeta`` of the cached tokens, for decoding.
 
@@ -330,9 +344,7 @@ class CpmBeeAttention(nn.Module):
         self.dropout_p = float(config.dropout_p)
         self.config = config
 
-    def forward(
-        self, x: torch.Tensor, attn_bias: torch.Tensor, cache: CpmBeeCache | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         # x: (B, L, D); attn_bias: (B, H, L, K), -inf where attention is not allowed
         b, length, _ = x.shape
         q = self.project_q(x).view(b, length, self.num_heads, self.dim_head).transpose(1, 2)  # (B, H, L, Dh)
@@ -374,7 +386,7 @@ class CpmBeeSelfAttentionBlock(nn.Module):
         h: torch.Tensor,
         attn_bias: torch.Tensor,
         query_ok: torch.Tensor | None,
-        cache: CpmBeeCache | None,
+        cache: KVCache | None,
     ) -> torch.Tensor:
         x = self.self_attention(self.layernorm_before_attention(h), attn_bias, cache)
         # A query that may attend to nothing (right padding) outputs zero, as in the original.
@@ -437,7 +449,7 @@ class CpmBeeTransformerBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attn_bias: torch.Tensor,
         query_ok: torch.Tensor | None,
-        cache: CpmBeeCache | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         if not self.mask_att:
             hidden_states = self.self_att(hidden_states, attn_bias, query_ok, cache)
@@ -512,7 +524,7 @@ def _check_inputs(inputs: Mapping[str, Any]) -> None:
         raise TypeError(f"forward() got unexpected keyword argument(s) {unknown}")
 
 
-def _one_cache(cache: CpmBeeCache | None, past_key_values: CpmBeeCache | None) -> CpmBeeCache | None:
+def _one_cache(cache: KVCache | None, past_key_values: KVCache | None) -> KVCache | None:
     if past_key_values is not None and cache is not None and past_key_values is not cache:
         raise ValueError("give the cache once: `cache` (`past_key_values` is its older name)")
     return cache if cache is not None else past_key_values
@@ -627,11 +639,11 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         self,
         input_ids: torch.Tensor,
         *,
-        cache: CpmBeeCache | None = None,
+        cache: KVCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        past_key_values: CpmBeeCache | None = None,
+        past_key_values: KVCache | None = None,
         **inputs: Unpack[CpmBeeInputs],
     ) -> BaseModelOutputWithPast:
         """Run the transformer over ``input_ids`` ``(B, L)``.
@@ -640,7 +652,7 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             inputs: where each token sits in the structured prompt, ``cpmbee.inputs.CpmBeeInputs`` (built by
                 ``cpmbee.prompt``). With ``length`` it is the training forward (right padding); without it,
                 padding is ``num_segments == 0`` (left padding). ``ext_table_*`` are read by the LM head only.
-            cache: a ``CpmBeeCache`` to read and extend (``past_key_values``: its older name).
+            cache: a ``KVCache`` (``CpmBeeCache``) to read and extend (``past_key_values``: its older name).
             use_cache: return a cache (a new one when none is given).
         """
         _check_inputs(inputs)
@@ -715,13 +727,13 @@ class CpmBeeForCausalLMBase(CpmBeePreTrainedModel):
         self,
         input_ids: torch.Tensor,
         *,
-        cache: CpmBeeCache | None = None,
+        cache: KVCache | None = None,
         use_cache: bool | None = None,
         labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        past_key_values: CpmBeeCache | None = None,
+        past_key_values: KVCache | None = None,
         **inputs: Unpack[CpmBeeInputs],
     ) -> CausalLMOutputWithPast:
         """Logits ``(B, L, V + E)`` over the vocabulary and the ``E`` ext columns; with ``labels`` (``-100`` =
