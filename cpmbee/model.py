@@ -21,15 +21,17 @@ non-context queries at the same or a later position (answers are generated left 
 (``sample_ids == 0``) sees its in-context samples, they see only themselves; instances packed into one
 row (``span``) never see each other.
 
-One ``forward`` serves training and decoding. Without a cache and with ``length`` it is the training
-forward (right padding, padded queries output zero attention); with a ``CpmBeeCache`` (or without
-``length``) it is the incremental forward: keys are the cached tokens plus the new ones, and a key is
-padding iff its ``num_segments`` is 0 (generation left-pads).
+One ``forward(input_ids, **inputs)`` serves training and decoding; the input tensors are named and
+documented once, in ``cpmbee.inputs.CpmBeeInputs``. Without a cache and with ``length`` it is the training
+forward (right padding, padded queries output zero attention); with a cache (``KVCache``, e.g.
+``CpmBeeCache``) or without ``length`` it is the incremental forward: keys are the cached tokens plus the
+new ones, and a key is padding iff its ``num_segments`` is 0 (generation left-pads).
 
 Shapes: B batch, L new (query) tokens, K keys (cached + new), H heads, Dh head width, D hidden width,
 F feed-forward width, V vocabulary, E ext columns, R segment-relation table width.
 
-No sampling, JSON or parallelism here: see ``cpmbee.generation``, ``cpmbee.prompt``, ``cpmbee.train``.
+No sampling, JSON or parallelism here: see ``cpmbee.generation``, ``cpmbee.prompt``, ``cpmbee.train``;
+the class users load (``cpmbee.CpmBeeForCausalLM``, with ``generate``) is ``cpmbee.hf``'s.
 """
 
 from __future__ import annotations
