@@ -100,8 +100,13 @@ class CpmBeeTokenizer(CpmBeeTokenizerBase):
         return encoding
 
     def _encode_structured(
-        self, data: Any, return_tensors: str | None = None, device: Any = None
+        self, data: Any, return_tensors: str | None = None, device: Any = None, **options: Any
     ) -> PromptEncoding:
+        """``padding`` and ``add_special_tokens`` change nothing (the batch is always left-padded, segments
+        frame every text); other transformers options do not apply to CPM-Bee dicts."""
+        unsupported = sorted(set(options) - {"padding", "add_special_tokens"})
+        if unsupported:
+            raise TypeError(f"tokenizer(data): unsupported option(s) {unsupported} for CPM-Bee dicts")
         rows = [data] if isinstance(data, Mapping) else list(data)
         batch = collate_prompts(self, [encode_prompt(self, row) for row in rows])
         content: dict[str, Any]
