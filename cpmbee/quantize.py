@@ -16,6 +16,9 @@ bitsandbytes is an optional dependency (``pip install 'cpmbee[quant]'``).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,9 +29,24 @@ from .model import CpmBeeLinear
 __all__ = ["model_memory_bytes", "quantize_model"]
 
 
+@contextlib.contextmanager
+def quiet_bitsandbytes_import() -> Iterator[None]:
+    """Importing bitsandbytes on a machine without its optional CPU kernel package logs a warning ("Failed
+    to load CPU gemm_4bit_forward from kernels-community …") that no cpmbee path needs; hold it back while
+    bitsandbytes, or peft (which imports it), loads."""
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _bnb() -> Any:
     try:
-        import bitsandbytes
+        with quiet_bitsandbytes_import():
+            import bitsandbytes
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("quantization needs bitsandbytes: pip install 'cpmbee[quant]'") from err
     return bitsandbytes
@@ -37,7 +55,7 @@ def _bnb() -> Any:
 def _scaled(base: type, scale: float) -> type:
     """A subclass of a bitsandbytes linear whose output is divided by ``scale`` like ``CpmBeeLinear``."""
 
-    class Scaled(base):  # type: ignore[misc, valid-type]
+    class Scaled(base):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x) / self.cpmbee_scale
 
@@ -101,7 +119,8 @@ def quantize_model(
         new = new.to(device)  # bitsandbytes quantizes when the weight is moved
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-    model.config.quantization = {"bits": bits, "quant_type": quant_type if bits == 4 else "llm.int8"}
+    config: Any = model.config  # a PreTrainedConfig: quantization is recorded there for /health and saves
+    config.quantization = {"bits": bits, "quant_type": quant_type if bits == 4 else "llm.int8"}
     return model
 
 

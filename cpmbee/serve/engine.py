@@ -311,7 +311,7 @@ class Engine:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             return
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         num_segments = kwargs.get("num_segments")
         if cache is None or len(cache) == 0:
             real = num_segments > 0 if num_segments is not None else input_ids >= 0

@@ -49,6 +49,7 @@ def load_engine(
     max_batch_rows: int = 16,
     batch_wait_s: float = 0.005,
     compile: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[Engine, dict[str, Any]]:
     """Load a model (``None``: the embedded default model) and wrap it in a batching ``Engine``.
 
@@ -69,7 +70,13 @@ def load_engine(
 
         dispatch = {"max_memory": parse_memory_limit(memory_limit), "offload_folder": offload_folder}
     model, tokenizer = load_model_and_tokenizer(
-        model_path, device=device, dtype=dtype, quantize=quantize, compile=compile, **dispatch
+        model_path,
+        device=device,
+        dtype=dtype,
+        quantize=quantize,
+        compile=compile,
+        attn_implementation=attn_implementation,
+        **dispatch,
     )
     if compile:
         from ..generation import generate
