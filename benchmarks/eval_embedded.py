@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from cpmbee.api import load_model_and_tokenizer  # noqa: E402
 from cpmbee.data.ccpm import ccpm_to_bee  # noqa: E402
 from cpmbee.data.shards import Dataset  # noqa: E402
-from cpmbee.evaluation.metrics import normalize_answer, token_f1  # noqa: E402
+from cpmbee.evaluation.answer_metrics import normalize_answer, token_f1  # noqa: E402
 from cpmbee.evaluation.tasks import run_task  # noqa: E402
 from cpmbee.generation import generate  # noqa: E402
 

@@ -35,8 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cpmbee import CpmBeeForCausalLM
 from cpmbee.config import CpmBeeConfig
-from cpmbee.model import CpmBeeForCausalLM
 
 GIB = 2**30
 # What users reported for the original (BMTrain, fp16, every layer checkpointed) — see the reference notes.
@@ -94,7 +94,7 @@ def saved_bytes(config: CpmBeeConfig, batch: int, length: int, method: str, rank
         "length": torch.full((batch,), length),
         "num_segments": torch.ones(batch, length, dtype=torch.int32),
     }
-    from cpmbee.train.objective import AnswerObjective
+    from cpmbee.objective import AnswerObjective
 
     objective = AnswerObjective(model)
     batch_inputs = {

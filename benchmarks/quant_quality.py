@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from cpmbee import CpmBeeTokenizer  # noqa: E402
 from cpmbee.checkpoint import load_model  # noqa: E402
-from cpmbee.prompt import prepare_for_finetune  # noqa: E402
+from cpmbee.data.finetune import prepare_for_finetune  # noqa: E402
 from cpmbee.quantize import model_memory_bytes, quantize_model  # noqa: E402
 
 SHARED = ROOT.parent / "shared"

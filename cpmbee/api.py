@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from .checkpoint import load_model
+from .dtypes import compute_dtype
 from .files import find_vocab
-from .model import CpmBeeForCausalLM
-from .tokenizer import CpmBeeTokenizer
+from .hf import CpmBeeForCausalLM, CpmBeeTokenizer
 
 __all__ = ["DEFAULT_MODEL_NAME", "default_model_path", "load_model_and_tokenizer", "resolve_device"]
 
@@ -56,7 +56,8 @@ def load_model_and_tokenizer(
     Args:
         path: the model; ``None`` → the embedded default model.
         device: ``"cpu"``, ``"cuda:0"``, …; ``None``/``"auto"`` picks CUDA when available.
-        dtype: compute dtype; default float32 on the CPU and the checkpoint's own elsewhere.
+        dtype: compute dtype (any spelling, ``cpmbee.dtypes``); default float32 on the CPU and the
+            checkpoint's own elsewhere; half precision on the CPU warns.
         quantize: ``"int8"`` or ``"nf4"`` (bitsandbytes weight-only), after loading.
         compile: compile the decode step (``cpmbee.generation.compile_decoding``): slow first call, faster
             decoding after.
@@ -66,9 +67,7 @@ def load_model_and_tokenizer(
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     target = resolve_device(device)
-    if dtype is None and target.type == "cpu":
-        dtype = torch.float32  # half precision matmuls are slow or missing on most CPUs
-    model = load_model(path, dtype=dtype, attn_implementation=attn_implementation)
+    model = load_model(path, dtype=compute_dtype(dtype, target), attn_implementation=attn_implementation)
     tokenizer = CpmBeeTokenizer(find_vocab(path))
     if quantize is not None:
         from .quantize import quantize_model
@@ -76,16 +75,22 @@ def load_model_and_tokenizer(
         bits = {"int8": 8, "nf4": 4, "fp4": 4}.get(quantize)
         if bits is None:
             raise ValueError(f"quantize must be 'int8', 'nf4' or 'fp4', got {quantize!r}")
-        kwargs = {"quant_type": quantize} if bits == 4 else {}
-        model = quantize_model(model.to(target), bits, **kwargs)
+        model = cast(CpmBeeForCausalLM, quantize_model(_moved(model, target), bits, quant_type=quantize))
     elif dispatch.get("max_memory"):
         from .offload import dispatch_with_memory_limit
 
-        model = dispatch_with_memory_limit(model, **dispatch)
+        model = cast(CpmBeeForCausalLM, dispatch_with_memory_limit(model, **dispatch))
     else:
-        model = model.to(target)
+        _moved(model, target)
     if compile:
         from .generation import compile_decoding
 
         compile_decoding(model)
-    return model.eval(), tokenizer
+    model.eval()
+    return model, tokenizer
+
+
+def _moved(model: CpmBeeForCausalLM, device: torch.device) -> CpmBeeForCausalLM:
+    """``model.to(device)`` (in place), typed: transformers' wrapper of ``to`` hides nn.Module's signature."""
+    torch.nn.Module.to(model, device)
+    return model

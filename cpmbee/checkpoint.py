@@ -11,7 +11,8 @@ Layouts understood:
 
 Tensors are read with ``safetensors`` or ``torch.load(weights_only=True, mmap=True)`` and assigned into a model
 built on the meta device, so a 10B checkpoint is never held twice in memory. ``convert`` writes a
-self-contained directory (safetensors, ``config.json``, ``vocab.txt``, ``tokenizer_config.json``) that
+self-contained directory (safetensors, ``config.json``, ``generation_config.json``, ``vocab.txt``,
+``tokenizer_config.json``) that
 ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained`` read once ``cpmbee`` is imported.
 """
 
@@ -23,13 +24,13 @@ import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .config import CpmBeeConfig
+from .dtypes import torch_dtype
 from .files import atomic_directory, find_vocab
-from .model import CpmBeeForCausalLM
+from .hf import CpmBeeForCausalLM, CpmBeeTokenizer
 
 __all__ = ["convert", "find_config", "load_model", "load_state_dict", "to_model_keys"]
 
@@ -41,23 +42,6 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-        "half": torch.float16,
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-    }
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
-    return names[dtype]
 
 
 def _unsafe_pickle_error(path: Path, err: Exception) -> ValueError:
@@ -192,7 +176,7 @@ def load_model(
     path = Path(path)
     if not isinstance(config, CpmBeeConfig):
         config = CpmBeeConfig.from_json_file(config if config is not None else find_config(path))
-    target_dtype = _resolve_dtype(dtype)
+    target_dtype = torch_dtype(dtype)
     state = to_model_keys(_read_weights(path) if path.is_dir() else load_state_dict(path))
 
     with torch.device("meta"):
@@ -234,8 +218,9 @@ def load_model(
     if attn_implementation is not None:
         model.config._attn_implementation = attn_implementation
     if device is not None:
-        model.to(device)  # type: ignore[arg-type]  # transformers types `to` through a wrapper mypy misreads
-    return model.eval()
+        torch.nn.Module.to(model, device)  # transformers' wrapper of `to` hides nn.Module's signature
+    model.eval()
+    return model
 
 
 def convert(
@@ -249,12 +234,11 @@ def convert(
 ) -> Path:
     """Convert a checkpoint (original ``.pt`` or any directory layout) into an HF-style safetensors directory.
 
-    ``dst`` receives ``config.json`` (HF names, ``model_type: cpmbee``), ``model*.safetensors``, ``vocab.txt``
-    and ``tokenizer_config.json``. It is written to a temporary directory first, so an interrupted
-    conversion never leaves a half-written ``dst``.
+    ``dst`` receives ``config.json`` (HF names, ``model_type: cpmbee``), ``generation_config.json``,
+    ``model*.safetensors``, ``vocab.txt`` and ``tokenizer_config.json``: what ``save_pretrained`` writes.
+    It is written to a temporary directory first, so an interrupted conversion never leaves a half-written
+    ``dst``.
     """
-    from .tokenizer import CpmBeeTokenizer
-
     src, dst = Path(src), Path(dst)
     vocab_path = find_vocab(src, vocab)
     model = load_model(src, config=config, dtype=dtype)
@@ -268,13 +252,3 @@ def convert(
             f"{dst}: could not write the converted model ({err.strerror or err}); nothing was changed there"
         ) from err
     return dst
-
-
-def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """Summary of a checkpoint directory or file: parameter count, dtypes, masked blocks."""
-    path = Path(path)
-    state = _read_weights(path) if path.is_dir() else load_state_dict(path)
-    dtypes: dict[str, int] = {}
-    for t in state.values():
-        dtypes[str(t.dtype)] = dtypes.get(str(t.dtype), 0) + t.numel()
-    return {"tensors": len(state), "parameters": sum(t.numel() for t in state.values()), "dtypes": dtypes}

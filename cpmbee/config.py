@@ -133,6 +133,9 @@ class CpmBeeConfig(PreTrainedConfig):
         mask_modules: per layer ``[mask_att, mask_ffn]``; a masked sub-block has no parameters and is skipped.
         half: the checkpoint was trained/saved in float16. It only chooses the *default* dtype when the user
             asks for none; an explicit ``dtype`` always wins.
+        pad_token_id / unk_token_id / bos_token_id / eos_token_id: the ids of ``<pad>``, ``<unk>``, ``<s>``
+            and ``</s>``, the same in every CPM-Bee vocabulary; generation from plain token ids (transformers'
+            ``generate(input_ids)``, which gets no tokenizer) reads them here.
     """
 
     model_type = "cpmbee"
@@ -159,6 +162,10 @@ class CpmBeeConfig(PreTrainedConfig):
     half: bool = False
     use_cache: bool = True
     tie_word_embeddings: bool = True
+    pad_token_id: int = 0
+    unk_token_id: int = 1
+    bos_token_id: int = 6
+    eos_token_id: int = 7
 
     def __post_init__(self, **kwargs: Any) -> None:
         for name, value in (("dtype", self.dtype), ("torch_dtype", kwargs.get("torch_dtype"))):

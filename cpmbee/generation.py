@@ -34,74 +34,26 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from .model import CpmBeeCache
-from .prompt import PromptBatch, collate_prompts, encode_prompt, fill_answers
+from .generation_options import GenerationOptions
+from .inputs import CpmBeeBatch, CpmBeeInputs
+from .model import CpmBeeCache, CpmBeeForCausalLMBase
+from .prompt import CpmBeeInput, PromptBatch, collate_prompts, encode_prompt, fill_answers
+from .tokenizer import CpmBeeTokenizerBase, Vocabulary
 
 __all__ = [
+    "ConfigVocabulary",
     "GenerationOptions",
     "StreamEvent",
     "allowed_output_columns",
+    "beam_search_hypotheses",
     "compile_decoding",
     "generate",
+    "generate_tokens",
     "stream_generate",
 ]
 
 FORBIDDEN = -10000.0  # the logit forbidden columns get (not -inf: the original's value, kept for exactness)
-
-
-class GenerationOptions(BaseModel):
-    """Options of ``generate``/``stream_generate``; unknown names and bad values raise ``ValueError``.
-
-    Types are strict (``"3"`` is not a beam size, ``"yes"`` not a flag), floats finite, the seed an int64."""
-
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, populate_by_name=True, strict=True, allow_inf_nan=False
-    )
-
-    beam_size: int = Field(3, ge=1, le=64, description="beams; 1 = greedy or sampling")
-    max_new_tokens: int = Field(
-        100, ge=1, validation_alias=AliasChoices("max_new_tokens", "max_length"), description="per row"
-    )
-    min_new_tokens: int = Field(0, ge=0, description="tokens before </s> is allowed, per answer (beam 1)")
-    repetition_penalty: float = Field(1.0, ge=1.0)
-    repetition_window: int | None = Field(None, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0.0)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="an int64")
-    stop: list[str] = Field(
-        default_factory=list, strict=False, description="stop strings ending an answer (beam 1)"
-    )
-
-    @classmethod
-    def parse(
-        cls, options: Mapping[str, Any] | GenerationOptions | None = None, **kwargs: Any
-    ) -> GenerationOptions:
-        """Validate options given as a mapping, an instance and/or keywords (keywords win)."""
-        if isinstance(options, GenerationOptions):
-            merged: dict[str, Any] = options.model_dump()
-        else:
-            merged = dict(options or {})
-        merged.update(kwargs)
-        if "max_length" in merged and "max_new_tokens" in merged:
-            raise ValueError("give either max_new_tokens or max_length (its alias), not both")
-        try:
-            opts = cls.model_validate(merged)
-        except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}" for err in e.errors()
-            )
-            raise ValueError(f"invalid generation option(s): {problems}") from None
-        if opts.beam_size > 1 and (opts.do_sample or opts.stop or opts.min_new_tokens):
-            raise ValueError(
-                "beam_size > 1 is the reference beam search; do_sample, stop and min_new_tokens need beam_size=1"
-            )
-        if any(not s for s in opts.stop):
-            raise ValueError("stop: stop strings must be non-empty")
-        return opts
 
 
 @dataclass
@@ -110,7 +62,8 @@ class StreamEvent:
 
     ``index`` is the row of the input list (0 for a single dict), ``answer`` the 1-based answer slot and
     ``path`` its keys below ``<ans>``; ``text`` is the new text of that slot. The last event of a row has
-    ``done=True`` and the filled dict in ``result``.
+    ``done=True``, the filled dict in ``result`` and the generated output columns in ``tokens`` (answers in
+    order, each closed by ``</s>`` unless the token budget cut it).
     """
 
     index: int
@@ -119,6 +72,28 @@ class StreamEvent:
     text: str
     done: bool = False
     result: Any = None
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ConfigVocabulary:
+    """The vocabulary facts a model's config holds (its size and the special-token ids), standing in for the
+    tokenizer when plain token ids are decoded to token ids (transformers' ``generate(input_ids)``): no text
+    is decoded, so ``decode`` gives ``""`` and stop strings need the real tokenizer."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    unk_id: int
+    encoder: Mapping[str, int] = field(default_factory=dict)  # plain ids carry no ext families
+
+    @classmethod
+    def of(cls, model: CpmBeeForCausalLMBase) -> ConfigVocabulary:
+        c = model.config
+        return cls(c.vocab_size, c.bos_token_id, c.eos_token_id, c.unk_token_id)
+
+    def decode(self, token_ids: Sequence[int], ext_table: Mapping[int, str] | None = None) -> str:
+        return ""
 
 
 # ---------------------------------------------------------------------------------------------------- shared
@@ -127,14 +102,14 @@ class _Prepared:
     """A collated batch on the model's device plus the per-row constants every decoder needs."""
 
     batch: PromptBatch
-    inputs: dict[str, torch.Tensor]
+    inputs: CpmBeeBatch
     forbidden: torch.Tensor  # (B, V+E) bool: columns a row may never produce
     width: int  # V + E output columns
     ext_ids: list[int]
     ext_subs: list[int]
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def _model_device(model: CpmBeeForCausalLMBase) -> torch.device:
     """Where inputs go: the embedding's device, or its execution device when accelerate offloads it."""
     embedding = model.get_input_embeddings()
     hook = getattr(embedding, "_hf_hook", None)
@@ -147,7 +122,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 _COMPILED = "_cpmbee_compiled_decode"
 
 
-def compile_decoding(model: torch.nn.Module, **compile_options: Any) -> torch.nn.Module:
+def compile_decoding(model: CpmBeeForCausalLMBase, **compile_options: Any) -> CpmBeeForCausalLMBase:
     """Run this model's decode steps (one token per row) through ``torch.compile``; returns the model.
 
     The step is compiled once with dynamic shapes (rows, cache length), so beams leaving the batch and the
@@ -156,14 +131,15 @@ def compile_decoding(model: torch.nn.Module, **compile_options: Any) -> torch.nn
     operator overhead: see BENCHMARKS.md. Results equal eager decoding up to float rounding (inductor fuses
     the element-wise operations). Not for models dispatched over devices with accelerate hooks.
     ``compile_options`` go to ``torch.compile`` (``mode``, ``backend``, …)."""
-    if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
+    device_map: dict[str, Any] | None = getattr(model, "hf_device_map", None)
+    if device_map and len(set(device_map.values())) > 1:
         raise ValueError("compile_decoding: a model dispatched over several devices cannot be compiled")
     options = {"dynamic": True, **compile_options}
     setattr(model, _COMPILED, torch.compile(model.forward, **options))
     return model
 
 
-def allowed_output_columns(inputs: Mapping[str, torch.Tensor], vocab_size: int, unk_id: int) -> torch.Tensor:
+def allowed_output_columns(inputs: Mapping[str, Any], vocab_size: int, unk_id: int) -> torch.Tensor:
     """``(B, V + E)`` bool: the output columns each row may produce (the rule decoding applies every step and
     training's greedy exact-match check assumes).
 
@@ -190,17 +166,19 @@ def allowed_output_columns(inputs: Mapping[str, torch.Tensor], vocab_size: int, 
     return torch.cat([vocab, present], dim=1)
 
 
-def _prepare(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Any], single: bool = True) -> _Prepared:
+def _encode(tokenizer: CpmBeeTokenizerBase, rows: Sequence[CpmBeeInput], single: bool = True) -> PromptBatch:
     prompts = []
     for i, row in enumerate(rows):
         try:
             prompts.append(encode_prompt(tokenizer, row))
         except ValueError as e:
             raise ValueError(str(e) if single else f"data[{i}]: {e}") from None
-    batch = collate_prompts(tokenizer, prompts)
-    device = _model_device(model)
-    inputs = batch.model_inputs(device)
-    forbidden = ~allowed_output_columns(inputs, tokenizer.vocab_size, tokenizer.unk_id)
+    return collate_prompts(tokenizer, prompts)
+
+
+def _prepare(model: CpmBeeForCausalLMBase, vocab: Vocabulary, batch: PromptBatch) -> _Prepared:
+    inputs = batch.model_inputs(_model_device(model))
+    forbidden = ~allowed_output_columns(inputs, vocab.vocab_size, vocab.unk_id)
     return _Prepared(
         batch=batch,
         inputs=inputs,
@@ -211,52 +189,45 @@ def _prepare(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Any], single
     )
 
 
-def _prefill(model: torch.nn.Module, prep: _Prepared, extra_steps: int) -> CpmBeeCache:
+def _prefill(model: CpmBeeForCausalLMBase, prep: _Prepared, extra_steps: int) -> CpmBeeCache:
     """Run the prompts once and return the cache (room for ``extra_steps`` more tokens)."""
     inputs = prep.inputs
     b, length = inputs["input_ids"].shape
     cache = CpmBeeCache(
         model.config.num_hidden_layers, b, length + extra_steps + 1, device=_model_device(model)
     )
-    model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
     return cache
 
 
+# A token to feed: (id, sub, position, segment). Generated tokens are context tokens of the main sample.
+Feed = tuple[int, int, int, int]
+
+
 def _step(
-    model: torch.nn.Module,
-    cache: CpmBeeCache,
-    prep: _Prepared,
-    rows: torch.Tensor,
-    tokens: list[int],
-    subs: list[int],
-    positions: list[int],
-    segments: list[int],
+    model: CpmBeeForCausalLMBase, cache: CpmBeeCache, prep: _Prepared, rows: torch.Tensor, feeds: list[Feed]
 ) -> torch.Tensor:
     """Feed one token per cache row (``rows``: the prompt row each cache row belongs to); float logits (N, V+E)."""
     device = _model_device(model)
-    n = len(tokens)
-
-    def col(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=device).view(n, 1)
-
-    inputs = prep.inputs
+    n = len(feeds)
+    columns = torch.tensor(feeds, dtype=torch.int32, device=device).view(n, 4, 1)  # (N, 4, 1)
+    batch = prep.inputs
+    step: CpmBeeInputs = {
+        "input_id_sub": columns[:, 1],
+        "position": columns[:, 2],
+        "context": torch.ones(n, 1, dtype=torch.bool, device=device),
+        "sample_ids": torch.zeros(n, 1, dtype=torch.int32, device=device),
+        "num_segments": batch["num_segments"][rows, -1:],
+        "segment": columns[:, 3],
+        "segment_rel_offset": batch["segment_rel_offset"][rows, -1:],
+        "segment_rel": batch["segment_rel"][rows],
+        "ext_table_ids": batch["ext_table_ids"],
+        "ext_table_sub": batch["ext_table_sub"],
+    }
     forward = getattr(model, _COMPILED, model)
-    out = forward(
-        input_ids=col(tokens),
-        input_id_sub=col(subs),
-        position=col(positions),
-        context=torch.ones(n, 1, dtype=torch.bool, device=device),
-        sample_ids=torch.zeros(n, 1, dtype=torch.int32, device=device),
-        num_segments=inputs["num_segments"][rows, -1:],
-        segment=col(segments),
-        segment_rel_offset=inputs["segment_rel_offset"][rows, -1:],
-        segment_rel=inputs["segment_rel"][rows],
-        ext_table_ids=inputs["ext_table_ids"],
-        ext_table_sub=inputs["ext_table_sub"],
-        past_key_values=cache,
-        use_cache=True,
-    )
-    return out.logits[:, -1].float()
+    out = forward(columns[:, 0], cache=cache, use_cache=True, **step)
+    logits: torch.Tensor = out.logits[:, -1].float()
+    return logits
 
 
 def _history(
@@ -295,7 +266,7 @@ def _to_fed(word: int, vocab: int, prep: _Prepared) -> tuple[int, int]:
 
 
 def _decode_answers(
-    tokenizer: Any, table: Mapping[int, str], tokens: Sequence[tuple[int, int]]
+    vocab: Vocabulary, table: Mapping[int, str], tokens: Sequence[tuple[int, int]]
 ) -> dict[int, str]:
     """Group ``(column, answer)`` pairs by answer, drop one trailing ``</s>`` each, decode with the row table."""
     grouped: dict[int, list[int]] = {}
@@ -303,13 +274,13 @@ def _decode_answers(
         grouped.setdefault(answer, []).append(word)
     texts = {}
     for answer, words in grouped.items():
-        if words and words[-1] == tokenizer.eos_id:
+        if words and words[-1] == vocab.eos_id:
             words = words[:-1]
-        texts[answer] = tokenizer.decode(words, table)
+        texts[answer] = vocab.decode(words, table)
     return texts
 
 
-def _as_rows(data: Any) -> tuple[list[Any], bool]:
+def _as_rows(data: Any) -> tuple[list[CpmBeeInput], bool]:
     if isinstance(data, Mapping):
         return [data], True
     if isinstance(data, (list, tuple)):
@@ -355,7 +326,7 @@ class _Hypotheses:
 class _Beam:
     answer: int  # index into the row's predict_segments
     tokens: list[tuple[int, int]]  # (output column, answer number)
-    feed: tuple[int, int, int, int]  # next (id, sub, position, segment)
+    feed: Feed  # the next token to feed
     history: list[int] = field(default_factory=list)  # ids fed since generation start
 
 
@@ -372,98 +343,107 @@ def _top_candidates(total: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return top_scores, flat.view(n, beam * k).gather(1, picked)
 
 
-def _beam_search(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prep: _Prepared,
-    opts: GenerationOptions,
-    should_stop: Callable[[int], bool] | None,
-) -> tuple[list[list[tuple[int, int]]], list[_Hypotheses]]:
-    beam = opts.beam_size
-    limit = opts.max_new_tokens + 1  # + 1 for the final </s>
-    vocab, width = tokenizer.vocab_size, prep.width
-    n_rows = len(prep.batch)
-    predict = prep.batch.predict_segments
-    device = _model_device(model)
+class _BeamSearch:
+    """The original's beam search over a prepared batch: ``run()`` returns every row's best tokens and its
+    finished hypotheses."""
 
-    cache = _prefill(model, prep, limit + 1)
-    hyps = [_Hypotheses(beam) for _ in range(n_rows)]
-    first = [(tokenizer.bos_id, 0, 0, predict[s][0][0]) for s in range(n_rows)]
-    beams = {s: [_Beam(0, [], first[s]) for _ in range(beam)] for s in range(n_rows)}
-    scores = torch.tensor([0.0] + [-1e9] * (beam - 1), device=device).repeat(n_rows)
-    active = list(range(n_rows))
-    cache.reorder(torch.arange(n_rows, device=device).repeat_interleave(beam))
+    def __init__(
+        self,
+        model: CpmBeeForCausalLMBase,
+        vocab: Vocabulary,
+        prep: _Prepared,
+        opts: GenerationOptions,
+        should_stop: Callable[[int], bool] | None,
+    ) -> None:
+        self.model, self.vocab, self.prep, self.opts, self.should_stop = model, vocab, prep, opts, should_stop
+        self.beam = opts.beam_size
+        self.limit = opts.max_new_tokens + 1  # + 1 for the final </s>
+        self.predict = prep.batch.predict_segments
+        self.device = _model_device(model)
+        n_rows = len(prep.batch)
+        self.hyps = [_Hypotheses(self.beam) for _ in range(n_rows)]
+        self.beams = {
+            s: [_Beam(0, [], (vocab.bos_id, 0, 0, self.predict[s][0][0])) for _ in range(self.beam)]
+            for s in range(n_rows)
+        }
 
-    for step in range(limit + 1):
-        if should_stop is not None:
-            kept = [i for i, s in enumerate(active) if not should_stop(s)]  # abandoned: keep finished hyps
-            if len(kept) < len(active):
-                active = [active[i] for i in kept]
-                if not active:
-                    break
-                keep = torch.tensor([i * beam + j for i in kept for j in range(beam)], device=device)
-                cache.reorder(keep)
-                scores = scores[keep]
-        rows = torch.tensor(active, device=device).repeat_interleave(beam)
-        flat = [b for s in active for b in beams[s]]
-        for b in flat:
-            b.history.append(b.feed[0])
-        logits = _step(
-            model,
-            cache,
-            prep,
-            rows,
-            [b.feed[0] for b in flat],
-            [b.feed[1] for b in flat],
-            [b.feed[2] for b in flat],
-            [b.feed[3] for b in flat],
-        )
-        history = _history([b.history for b in flat], opts, device)
-        logits = _restrict(logits, prep.forbidden[rows], history, opts)
-        total = F.log_softmax(logits, dim=-1).add_(scores[:, None])
-        top_scores, top_words = _top_candidates(total.view(len(active), beam, width), 2 * beam)
-        top_scores_l, top_words_l = top_scores.tolist(), top_words.tolist()  # the one host sync of a step
+    def run(self) -> tuple[list[list[tuple[int, int]]], list[_Hypotheses]]:
+        beam, device, prep = self.beam, self.device, self.prep
+        cache = _prefill(self.model, prep, self.limit + 1)
+        n_rows = len(prep.batch)
+        scores = torch.tensor([0.0] + [-1e9] * (beam - 1), device=device).repeat(n_rows)
+        active = list(range(n_rows))
+        cache.reorder(torch.arange(n_rows, device=device).repeat_interleave(beam))
 
-        keep_rows: list[int] = []
-        keep_scores: list[float] = []
-        still_active = []
-        for i, s in enumerate(active):
-            if hyps[s].is_done(top_scores_l[i][0], step):
-                continue
-            chosen: list[_Beam] = []
-            for value, index in zip(top_scores_l[i], top_words_l[i]):
-                beam_id, word = divmod(index, width)
-                cur = beams[s][beam_id]
-                answer_no = predict[s][cur.answer][1]
-                tokens = [*cur.tokens, (word, answer_no)]
-                is_eos = word == tokenizer.eos_id
-                if (is_eos and cur.answer + 1 == len(predict[s])) or step == limit:
-                    hyps[s].add(tokens, value)
+        for step in range(self.limit + 1):
+            if self.should_stop is not None:
+                kept = [i for i, s in enumerate(active) if not self.should_stop(s)]  # keep finished hyps
+                if len(kept) < len(active):
+                    active = [active[i] for i in kept]
+                    if not active:
+                        break
+                    keep = torch.tensor([i * beam + j for i in kept for j in range(beam)], device=device)
+                    cache.reorder(keep)
+                    scores = scores[keep]
+            rows = torch.tensor(active, device=device).repeat_interleave(beam)
+            flat = [b for s in active for b in self.beams[s]]
+            for b in flat:
+                b.history.append(b.feed[0])
+            logits = _step(self.model, cache, prep, rows, [b.feed for b in flat])
+            history = _history([b.history for b in flat], self.opts, device)
+            logits = _restrict(logits, prep.forbidden[rows], history, self.opts)
+            total = F.log_softmax(logits, dim=-1).add_(scores[:, None])
+            top_scores, top_words = _top_candidates(total.view(len(active), beam, prep.width), 2 * beam)
+            candidates = zip(top_scores.tolist(), top_words.tolist())  # the one host sync of a step
+
+            keep_rows: list[int] = []
+            keep_scores: list[float] = []
+            still_active = []
+            for i, (s, (row_scores, row_words)) in enumerate(zip(active, candidates)):
+                if self.hyps[s].is_done(row_scores[0], step):
                     continue
-                if is_eos:
-                    nxt = cur.answer + 1
-                    new = _Beam(nxt, tokens, (tokenizer.bos_id, 0, 0, predict[s][nxt][0]), list(cur.history))
-                else:
-                    fed_id, fed_sub = _to_fed(word, vocab, prep)
-                    new = _Beam(
-                        cur.answer, tokens, (fed_id, fed_sub, cur.feed[2] + 1, cur.feed[3]), list(cur.history)
-                    )
-                chosen.append(new)
-                keep_rows.append(i * beam + beam_id)
-                keep_scores.append(value)
-                if len(chosen) == beam:
-                    break
-            if step == limit:
-                continue
-            beams[s] = chosen
-            still_active.append(s)
-        active = still_active
-        if not active:
-            break
-        cache.reorder(torch.tensor(keep_rows, device=device))
-        scores = torch.tensor(keep_scores, dtype=torch.float32, device=device)
+                chosen = self._extend(s, step, row_scores, row_words)
+                if step == self.limit:
+                    continue
+                keep_rows.extend(i * beam + beam_id for beam_id, _ in chosen)
+                keep_scores.extend(value for _, value in chosen)
+                still_active.append(s)
+            active = still_active
+            if not active:
+                break
+            cache.reorder(torch.tensor(keep_rows, device=device))
+            scores = torch.tensor(keep_scores, dtype=torch.float32, device=device)
 
-    return [h.best() if h.items else [] for h in hyps], hyps
+        return [h.best() if h.items else [] for h in self.hyps], self.hyps
+
+    def _extend(
+        self, s: int, step: int, row_scores: list[float], row_words: list[int]
+    ) -> list[tuple[int, float]]:
+        """Walk row ``s``'s ``2·beam`` best continuations: finished ones become hypotheses, the first ``beam``
+        others its new beams. Returns ``(old beam, score)`` of each new beam."""
+        eos, width, predict = self.vocab.eos_id, self.prep.width, self.predict[s]
+        chosen: list[_Beam] = []
+        kept: list[tuple[int, float]] = []
+        for value, index in zip(row_scores, row_words):
+            beam_id, word = divmod(index, width)
+            cur = self.beams[s][beam_id]
+            tokens = [*cur.tokens, (word, predict[cur.answer][1])]
+            if (word == eos and cur.answer + 1 == len(predict)) or step == self.limit:
+                self.hyps[s].add(tokens, value)
+                continue
+            if word == eos:
+                feed: Feed = (self.vocab.bos_id, 0, 0, predict[cur.answer + 1][0])
+                chosen.append(_Beam(cur.answer + 1, tokens, feed, list(cur.history)))
+            else:
+                fed_id, fed_sub = _to_fed(word, self.vocab.vocab_size, self.prep)
+                feed = (fed_id, fed_sub, cur.feed[2] + 1, cur.feed[3])
+                chosen.append(_Beam(cur.answer, tokens, feed, list(cur.history)))
+            kept.append((beam_id, value))
+            if len(chosen) == self.beam:
+                break
+        if step < self.limit:
+            self.beams[s] = chosen
+        return kept
 
 
 # ---------------------------------------------------------------------------------------------------- greedy / sampling
@@ -490,124 +470,146 @@ def _choose(logits: torch.Tensor, opts: GenerationOptions, generator: torch.Gene
 
 @dataclass
 class _Row:
+    """The decoding state of one row: which answer it writes, what it feeds next, what it wrote."""
+
+    feed: Feed
     answer: int = 0  # index into predict_segments
-    feed: tuple[int, int, int, int] = (0, 0, 0, 0)
     history: list[int] = field(default_factory=list)
     text: str = ""  # the answer being written (decoding is per token, so it grows by appending)
     length: int = 0  # its tokens
     texts: dict[int, str] = field(default_factory=dict)  # finished answers
     emitted: int = 0  # characters of the current answer already streamed
-    generated: int = 0
+    tokens: list[int] = field(default_factory=list)  # output columns generated so far (answers, </s>)
 
 
-def _greedy_events(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    rows_data: list[Any],
-    prep: _Prepared,
-    opts: GenerationOptions,
-    should_stop: Callable[[int], bool] | None,
-) -> Iterator[StreamEvent]:
-    vocab = tokenizer.vocab_size
-    batch = prep.batch
-    predict = batch.predict_segments
-    device = _model_device(model)
-    generator = None
-    if opts.do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(opts.seed if opts.seed is not None else int(torch.seed() % (2**63)))
-    holdback = max((len(s) for s in opts.stop), default=1) - 1
+class _Greedy:
+    """Greedy or sampled decoding of a prepared batch, one token per row per step; ``events()`` yields the
+    text increments and each row's final event. Rows leave the batch as they finish."""
 
-    cache = _prefill(model, prep, opts.max_new_tokens + 1)
-    state = [_Row(feed=(tokenizer.bos_id, 0, 0, predict[s][0][0])) for s in range(len(rows_data))]
-    active = list(range(len(rows_data)))
+    def __init__(
+        self,
+        model: CpmBeeForCausalLMBase,
+        vocab: Vocabulary,
+        rows_data: Sequence[CpmBeeInput] | None,
+        prep: _Prepared,
+        opts: GenerationOptions,
+        should_stop: Callable[[int], bool] | None,
+    ) -> None:
+        self.model, self.vocab, self.rows_data, self.prep = model, vocab, rows_data, prep
+        self.opts, self.should_stop = opts, should_stop
+        self.batch = prep.batch
+        self.predict = self.batch.predict_segments
+        self.device = _model_device(model)
+        self.generator = None
+        if opts.do_sample:
+            self.generator = torch.Generator(device=self.device)
+            self.generator.manual_seed(opts.seed if opts.seed is not None else int(torch.seed() % (2**63)))
+        self.holdback = max((len(s) for s in opts.stop), default=1) - 1
+        self.state = [_Row(feed=self._first_feed(s, 0)) for s in range(len(self.batch))]
 
-    def finish(s: int) -> StreamEvent:
-        texts = {predict[s][k][1]: t for k, t in state[s].texts.items()}
-        result = fill_answers(rows_data[s], batch.answer_paths[s], texts)
-        return StreamEvent(index=s, answer=0, path=(), text="", done=True, result=result)
+    def _first_feed(self, s: int, answer: int) -> Feed:
+        return (self.vocab.bos_id, 0, 0, self.predict[s][answer][0])
 
-    def close_answer(s: int, text: str) -> Iterator[StreamEvent]:
-        row = state[s]
-        number = predict[s][row.answer][1]
+    def events(self) -> Iterator[StreamEvent]:
+        cache = _prefill(self.model, self.prep, self.opts.max_new_tokens + 1)
+        active = list(range(len(self.batch)))
+        while active:
+            if self.should_stop is not None:
+                dropped = [s for s in active if self.should_stop(s)]
+                if dropped:
+                    for s in dropped:
+                        yield self._finish(s)
+                    active = self._leave(cache, active, set(dropped))
+                    if not active:
+                        break
+            words = self._next_words(cache, active)
+            done: set[int] = set()
+            for s, word in zip(active, words):
+                yield from self._advance(s, word, done)
+            if done:
+                active = self._leave(cache, active, done)
+
+    def _leave(self, cache: CpmBeeCache, active: list[int], leaving: set[int]) -> list[int]:
+        """The rows still decoding; the cache keeps only theirs."""
+        keep = [i for i, s in enumerate(active) if s not in leaving]
+        if keep and len(keep) < len(active):
+            cache.reorder(torch.tensor(keep, device=self.device))
+        return [active[i] for i in keep]
+
+    def _next_words(self, cache: CpmBeeCache, active: list[int]) -> list[int]:
+        opts, state = self.opts, self.state
+        rows = torch.tensor(active, device=self.device)
+        for s in active:
+            state[s].history.append(state[s].feed[0])
+        logits = _step(self.model, cache, self.prep, rows, [state[s].feed for s in active])
+        history = _history([state[s].history for s in active], opts, self.device)
+        logits = _restrict(logits, self.prep.forbidden[rows], history, opts)
+        if opts.min_new_tokens:
+            eos = self.vocab.eos_id
+            young = torch.tensor([state[s].length < opts.min_new_tokens for s in active], device=self.device)
+            logits[:, eos] = logits[:, eos].masked_fill(young, -float("inf"))
+        words: list[int] = _choose(logits, opts, self.generator).tolist()
+        return words
+
+    def _advance(self, s: int, word: int, done: set[int]) -> Iterator[StreamEvent]:
+        """Take row ``s``'s new ``word``: stream its text, close an answer, move on or finish."""
+        row, vocab = self.state[s], self.vocab
+        row.tokens.append(word)
+        last_answer = row.answer + 1 == len(self.predict[s])
+        ended = False
+        if word == vocab.eos_id:
+            yield from self._close_answer(s, row.text)
+            ended = True
+        else:
+            row.text += vocab.decode([word], self.batch.ext_tables[s])
+            row.length += 1
+            text = row.text
+            cut = min((text.find(x) for x in self.opts.stop if x in text), default=-1)
+            if cut >= 0:
+                yield from self._close_answer(s, text[:cut])
+                ended = True
+            else:
+                ready = len(text) - self.holdback
+                if ready > row.emitted:
+                    yield self._text_event(s, text[row.emitted : ready])
+                    row.emitted = ready
+        if ended and not last_answer:
+            row.answer += 1
+            row.feed = self._first_feed(s, row.answer)
+        elif not ended:
+            fed_id, fed_sub = _to_fed(word, vocab.vocab_size, self.prep)
+            row.feed = (fed_id, fed_sub, row.feed[2] + 1, row.feed[3])
+        if (ended and last_answer) or len(row.tokens) >= self.opts.max_new_tokens:
+            if not ended:
+                yield from self._close_answer(s, row.text)
+            yield self._finish(s)
+            done.add(s)
+
+    def _text_event(self, s: int, text: str) -> StreamEvent:
+        number = self.predict[s][self.state[s].answer][1]
+        return StreamEvent(s, number, self.batch.answer_paths[s][number - 1], text)
+
+    def _close_answer(self, s: int, text: str) -> Iterator[StreamEvent]:
+        row = self.state[s]
         if len(text) > row.emitted:
-            yield StreamEvent(s, number, batch.answer_paths[s][number - 1], text[row.emitted :])
+            yield self._text_event(s, text[row.emitted :])
         row.texts[row.answer] = text
         row.text, row.length, row.emitted = "", 0, 0
 
-    while active:
-        if should_stop is not None:
-            dropped = {s for s in active if should_stop(s)}
-            if dropped:
-                keep = [i for i, s in enumerate(active) if s not in dropped]
-                for s in sorted(dropped):
-                    yield finish(s)
-                active = [s for s in active if s not in dropped]
-                if not active:
-                    break
-                cache.reorder(torch.tensor(keep, device=device))
-        rows = torch.tensor(active, device=device)
-        for s in active:
-            state[s].history.append(state[s].feed[0])
-        feeds = [state[s].feed for s in active]
-        logits = _step(model, cache, prep, rows, *[list(c) for c in zip(*feeds)])
-        history = _history([state[s].history for s in active], opts, device)
-        logits = _restrict(logits, prep.forbidden[rows], history, opts)
-        if opts.min_new_tokens:
-            young = torch.tensor([state[s].length < opts.min_new_tokens for s in active], device=device)
-            logits[:, tokenizer.eos_id] = logits[:, tokenizer.eos_id].masked_fill(young, -float("inf"))
-        words = _choose(logits, opts, generator).tolist()
-
-        keep: list[int] = []
-        still_active: list[int] = []
-        for i, (s, word) in enumerate(zip(active, words)):
-            row = state[s]
-            row.generated += 1
-            number = predict[s][row.answer][1]
-            last_answer = row.answer + 1 == len(predict[s])
-            ended = False
-            if word == tokenizer.eos_id:
-                yield from close_answer(s, row.text)
-                ended = True
-            else:
-                row.text += tokenizer.decode([word], batch.ext_tables[s])
-                row.length += 1
-                text = row.text
-                cut = min((text.find(x) for x in opts.stop if x in text), default=-1)
-                if cut >= 0:
-                    yield from close_answer(s, text[:cut])
-                    ended = True
-                else:
-                    ready = len(text) - holdback
-                    if ready > row.emitted:
-                        yield StreamEvent(
-                            s, number, batch.answer_paths[s][number - 1], text[row.emitted : ready]
-                        )
-                        row.emitted = ready
-            if ended and not last_answer:
-                row.answer += 1
-                row.feed = (tokenizer.bos_id, 0, 0, predict[s][row.answer][0])
-            elif not ended:
-                fed_id, fed_sub = _to_fed(word, vocab, prep)
-                row.feed = (fed_id, fed_sub, row.feed[2] + 1, row.feed[3])
-            out_of_budget = row.generated >= opts.max_new_tokens
-            if (ended and last_answer) or out_of_budget:
-                if not ended:
-                    yield from close_answer(s, row.text)
-                yield finish(s)
-                continue
-            keep.append(i)
-            still_active.append(s)
-        if still_active and len(still_active) != len(active):
-            cache.reorder(torch.tensor(keep, device=device))
-        active = still_active
+    def _finish(self, s: int) -> StreamEvent:
+        row = self.state[s]
+        result = None
+        if self.rows_data is not None:
+            texts = {self.predict[s][k][1]: t for k, t in row.texts.items()}
+            result = fill_answers(self.rows_data[s], self.batch.answer_paths[s], texts)
+        return StreamEvent(index=s, answer=0, path=(), text="", done=True, result=result, tokens=row.tokens)
 
 
 # ---------------------------------------------------------------------------------------------------- public API
 def stream_generate(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    data: Any,
+    model: CpmBeeForCausalLMBase,
+    tokenizer: CpmBeeTokenizerBase,
+    data: CpmBeeInput | Sequence[CpmBeeInput],
     options: Mapping[str, Any] | GenerationOptions | None = None,
     *,
     should_stop: Callable[[int], bool] | None = None,
@@ -624,15 +626,15 @@ def stream_generate(
         raise ValueError("beam_size: streaming needs beam_size=1 (greedy or sampling)")
     rows, single = _as_rows(data)
     rows = [copy.deepcopy(r) for r in rows]
-    prep = _prepare(model, tokenizer, rows, single)
+    prep = _prepare(model, tokenizer, _encode(tokenizer, rows, single))
     with torch.inference_mode():
-        yield from _greedy_events(model, tokenizer, rows, prep, opts, should_stop)
+        yield from _Greedy(model, tokenizer, rows, prep, opts, should_stop).events()
 
 
 def generate(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    data: Any,
+    model: CpmBeeForCausalLMBase,
+    tokenizer: CpmBeeTokenizerBase,
+    data: CpmBeeInput | Sequence[CpmBeeInput],
     options: Mapping[str, Any] | GenerationOptions | None = None,
     *,
     should_stop: Callable[[int], bool] | None = None,
@@ -645,16 +647,16 @@ def generate(
     """
     opts = GenerationOptions.parse(options, **kwargs)
     rows, single = _as_rows(data)
-    prep = _prepare(model, tokenizer, rows, single)
+    prep = _prepare(model, tokenizer, _encode(tokenizer, rows, single))
     if opts.beam_size == 1:
         results: list[Any] = [None] * len(rows)
         with torch.inference_mode():
-            for event in _greedy_events(model, tokenizer, rows, prep, opts, should_stop):
+            for event in _Greedy(model, tokenizer, rows, prep, opts, should_stop).events():
                 if event.done:
                     results[event.index] = event.result
     else:
         with torch.inference_mode():
-            best, _ = _beam_search(model, tokenizer, prep, opts, should_stop)
+            best, _ = _BeamSearch(model, tokenizer, prep, opts, should_stop).run()
         results = []
         for s, tokens in enumerate(best):
             texts = _decode_answers(tokenizer, prep.batch.ext_tables[s], tokens)
@@ -662,13 +664,36 @@ def generate(
     return results[0] if single else results
 
 
+def generate_tokens(
+    model: CpmBeeForCausalLMBase,
+    vocab: Vocabulary,
+    batch: PromptBatch,
+    options: Mapping[str, Any] | GenerationOptions | None = None,
+    **kwargs: Any,
+) -> list[list[int]]:
+    """The output columns generated for each row of a collated ``batch``: its answers in order, each closed
+    by ``</s>`` unless the token budget cut it. ``vocab`` is the tokenizer, or ``ConfigVocabulary.of(model)``
+    when only ids are wanted (stop strings then need the tokenizer). Options as ``generate``."""
+    opts = GenerationOptions.parse(options, **kwargs)
+    prep = _prepare(model, vocab, batch)
+    with torch.inference_mode():
+        if opts.beam_size == 1:
+            out: list[list[int]] = [[] for _ in range(len(batch))]
+            for event in _Greedy(model, vocab, None, prep, opts, None).events():
+                if event.done:
+                    out[event.index] = event.tokens
+            return out
+        best, _ = _BeamSearch(model, vocab, prep, opts, None).run()
+    return [[word for word, _ in tokens] for tokens in best]
+
+
 def beam_search_hypotheses(
-    model: torch.nn.Module, tokenizer: Any, data: Sequence[Any], **kwargs: Any
+    model: CpmBeeForCausalLMBase, tokenizer: CpmBeeTokenizerBase, data: Sequence[CpmBeeInput], **kwargs: Any
 ) -> list[list[tuple[float, list[tuple[int, int]]]]]:
     """The finished hypotheses of every row (score, ``(column, answer)`` tokens), in the original's order;
     for conformance checks and for inspecting beams."""
     opts = GenerationOptions.parse(**kwargs)
-    prep = _prepare(model, tokenizer, list(data))
+    prep = _prepare(model, tokenizer, _encode(tokenizer, list(data)))
     with torch.inference_mode():
-        _, hyps = _beam_search(model, tokenizer, prep, opts, None)
+        _, hyps = _BeamSearch(model, tokenizer, prep, opts, None).run()
     return [h.items for h in hyps]

@@ -27,13 +27,15 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from .files import atomic_directory
-from .model import CpmBeeForCausalLM, CpmBeeLinear
+from .hf import CpmBeeForCausalLM
+from .model import CpmBeeLinear
+from .quantize import quiet_bitsandbytes_import
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -58,7 +60,8 @@ _PREFIX = "cpmbee."
 
 def _peft() -> Any:
     try:
-        import peft
+        with quiet_bitsandbytes_import():
+            import peft
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
             "LoRA needs the `peft` package: pip install 'cpmbee[lora]' (or pip install peft)"
@@ -67,6 +70,12 @@ def _peft() -> Any:
 
 
 _LORA_LINEAR: type[nn.Module] | None = None
+
+
+def _weight(module: Any) -> torch.Tensor:
+    """``module.weight``, typed (PEFT's layers type their sub-modules loosely)."""
+    weight: torch.Tensor = module.weight
+    return weight
 
 
 def lora_linear_class() -> type[nn.Module]:
@@ -80,10 +89,9 @@ def lora_linear_class() -> type[nn.Module]:
 
             def get_delta_weight(self, adapter: str) -> torch.Tensor:
                 base = self.get_base_layer()
-                a = self.lora_A[adapter].weight.float()
-                b = self.lora_B[adapter].weight.float()
+                a, b = _weight(self.lora_A[adapter]).float(), _weight(self.lora_B[adapter]).float()
                 delta = (b @ a) * (self.scaling[adapter] * getattr(base, "scale", 1.0))
-                return delta.to(base.weight.dtype)
+                return delta.to(_weight(base).dtype)
 
         _LORA_LINEAR = CpmBeeLoraLinear
     return _LORA_LINEAR
@@ -263,14 +271,15 @@ def merge_lora(model: nn.Module) -> CpmBeeForCausalLM:
             if adapter in getattr(layer, "lora_variant", {}):
                 raise ValueError(f"{name}: LoRA variants (DoRA, …) cannot be merged here")
             if isinstance(layer, custom):
-                delta = layer.get_delta_weight(adapter).float()
+                delta: torch.Tensor = cast(Any, layer).get_delta_weight(adapter).float()
             else:
-                a, b = layer.lora_A[adapter].weight.float(), layer.lora_B[adapter].weight.float()
+                a, b = _weight(layer.lora_A[adapter]).float(), _weight(layer.lora_B[adapter]).float()
                 delta = (b @ a) * layer.scaling[adapter]
                 if isinstance(base, CpmBeeLinear):
                     delta = delta * base.scale
-            base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
-    merged = model.unload()  # swaps every LoRA layer back for its (now updated) base layer
+            weight = _weight(base)
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+    merged: CpmBeeForCausalLM = model.unload()  # swaps every LoRA layer back for its (now updated) base layer
     return merged
 
 
@@ -278,7 +287,7 @@ def save_merged(model: nn.Module, directory: str | os.PathLike, tokenizer: Any =
     """Merge (when ``model`` has adapters) and write a model directory that ``load_model`` /
     ``from_pretrained`` read: safetensors + ``config.json`` (+ the tokenizer files). Written atomically."""
     peft = _peft()
-    plain = merge_lora(model) if isinstance(model, peft.PeftModel) else model
+    plain: Any = merge_lora(model) if isinstance(model, peft.PeftModel) else model
     directory = Path(directory)
     with atomic_directory(directory) as out:
         plain.save_pretrained(out, safe_serialization=True)

@@ -21,21 +21,24 @@ non-context queries at the same or a later position (answers are generated left 
 (``sample_ids == 0``) sees its in-context samples, they see only themselves; instances packed into one
 row (``span``) never see each other.
 
-One ``forward`` serves training and decoding. Without a cache and with ``length`` it is the training
-forward (right padding, padded queries output zero attention); with a ``CpmBeeCache`` (or without
-``length``) it is the incremental forward: keys are the cached tokens plus the new ones, and a key is
-padding iff its ``num_segments`` is 0 (generation left-pads).
+One ``forward(input_ids, **inputs)`` serves training and decoding; the input tensors are named and
+documented once, in ``cpmbee.inputs.CpmBeeInputs``. Without a cache and with ``length`` it is the training
+forward (right padding, padded queries output zero attention); with a cache (``KVCache``, e.g.
+``CpmBeeCache``) or without ``length`` it is the incremental forward: keys are the cached tokens plus the
+new ones, and a key is padding iff its ``num_segments`` is 0 (generation left-pads).
 
 Shapes: B batch, L new (query) tokens, K keys (cached + new), H heads, Dh head width, D hidden width,
 F feed-forward width, V vocabulary, E ext columns, R segment-relation table width.
 
-No sampling, JSON or parallelism here: see ``cpmbee.generation``, ``cpmbee.prompt``, ``cpmbee.train``.
+No sampling, JSON or parallelism here: see ``cpmbee.generation``, ``cpmbee.prompt``, ``cpmbee.train``;
+the class users load (``cpmbee.CpmBeeForCausalLM``, with ``generate``) is ``cpmbee.hf``'s.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -44,15 +47,18 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from typing_extensions import Unpack
 
 from .config import CpmBeeConfig
+from .inputs import CpmBeeInputs, TokenMeta
 
 __all__ = [
     "CpmBeeCache",
-    "CpmBeeForCausalLM",
+    "CpmBeeForCausalLMBase",
     "CpmBeeModel",
     "CpmBeePreTrainedModel",
     "CpmBeeTransformerBlock",
+    "KVCache",
 ]
 
 
@@ -153,7 +159,9 @@ class CpmBeeEmbeddingExt(nn.Module):
     def forward(
         self, ids: torch.Tensor, subs: torch.Tensor, hidden_states: torch.Tensor | None = None
     ) -> torch.Tensor:
-        embeds = self.rotary_emb(F.embedding(ids, self.weight) / self.scale, subs)  # (*ids.shape, D)
+        embeds: torch.Tensor = self.rotary_emb(
+            F.embedding(ids, self.weight) / self.scale, subs
+        )  # (*ids.shape, D)
         if hidden_states is None:
             return embeds
         h = hidden_states.to(self.weight.device)
@@ -200,16 +208,35 @@ class CpmBeeBucketPositionBias(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- cache
+class KVCache(Protocol):
+    """What a forward needs of a cache; ``CpmBeeCache`` is one, and a fixed-capacity (static) cache only has
+    to provide the same three calls (see ``CpmBeeCache`` for their contract)."""
+
+    def __len__(self) -> int: ...
+
+    def append(self, meta: TokenMeta) -> TokenMeta: ...
+
+    def update(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 class CpmBeeCache:
-    """Pre-allocated keys/values of every attention layer plus the per-token metadata of the cached tokens.
+    """Keys/values of every attention layer plus the ``TokenMeta`` of the cached tokens, for decoding.
 
-    The metadata (position, context, sample id, segment, span, valid) is what the mask and position bias
-    of later tokens need. Storage grows by doubling when a forward would overflow it; give ``max_length``
-    up front to avoid that. Key/value storage of a layer is allocated on that layer's device (so a model
-    split across devices keeps each layer's cache local).
+    The interface a forward uses (any cache with these three calls works, e.g. a fixed-capacity one):
+
+    * ``len(cache)`` — tokens already cached (the new tokens' default positions start there);
+    * ``append(meta) -> TokenMeta`` — record the metadata of the ``L`` new tokens, return that of all keys
+      (cached + new), which the mask and the position bias of the new queries read; called once per forward;
+    * ``update(layer, key, value) -> (keys, values)`` — store the new tokens' ``(B, H, L, Dh)`` keys/values
+      of one layer, return the layer's keys/values so far ``(B, H, K, Dh)``.
+
+    Decoders also use ``reorder(index)`` (beams, rows leaving the batch). All rows share one length: a batch
+    of prompts is left-padded (padding keys have ``valid == False``). Storage grows by doubling when a
+    forward would overflow it (give ``max_length`` up front to avoid that); a layer's keys/values are
+    allocated on that layer's device, so a model split across devices keeps each layer's cache local.
     """
-
-    META = ("position", "context", "sample_ids", "segment", "span", "valid")
 
     def __init__(self, num_layers: int, batch_size: int, max_length: int = 0, device: Any = None) -> None:
         self.num_layers = num_layers
@@ -240,33 +267,42 @@ class CpmBeeCache:
         self.values = [None if v is None else grown(v, 2) for v in self.values]
         self.capacity = new_capacity
 
-    def append(self, **meta: torch.Tensor) -> dict[str, torch.Tensor]:
+    def append(self, meta: TokenMeta) -> TokenMeta:
         """Record the metadata of ``L`` new tokens; returns the metadata of all keys (cached + new)."""
-        length = next(iter(meta.values())).shape[1]
+        length = meta["position"].shape[1]
         start, end = self.seq_length, self.seq_length + length
+        new = cast(Mapping[str, torch.Tensor], meta)
         if not self.meta:
-            device = self.device or next(iter(meta.values())).device
+            device = self.device or meta["position"].device
             self.meta = {
                 k: torch.zeros(self.batch_size, self.capacity, dtype=v.dtype, device=device)
-                for k, v in meta.items()
+                for k, v in new.items()
             }
         if end > self.capacity:
             self._grow(end)
-        for name, value in meta.items():
+        for name, value in new.items():
             self.meta[name][:, start:end] = value
         self.seq_length = end
         self._pending = (start, end)
-        return {name: t[:, :end] for name, t in self.meta.items()}
+        m = self.meta
+        return TokenMeta(
+            position=m["position"][:, :end],
+            context=m["context"][:, :end],
+            sample_ids=m["sample_ids"][:, :end],
+            segment=m["segment"][:, :end],
+            span=m["span"][:, :end],
+            valid=m["valid"][:, :end],
+        )
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new tokens' keys/values of one layer; returns the layer's keys/values so far."""
         # key, value: (B, H, L, Dh)
         start, end = self._pending
-        if self.keys[layer] is None:
-            b, h, _, d = key.shape
-            self.keys[layer] = key.new_zeros(b, h, self.capacity, d)
-            self.values[layer] = value.new_zeros(b, h, self.capacity, d)
         k_store, v_store = self.keys[layer], self.values[layer]
+        if k_store is None or v_store is None:
+            b, h, _, d = key.shape
+            k_store = self.keys[layer] = key.new_zeros(b, h, self.capacity, d)
+            v_store = self.values[layer] = value.new_zeros(b, h, self.capacity, d)
         k_store[:, :, start:end] = key
         v_store[:, :, start:end] = value
         return k_store[:, :, :end], v_store[:, :, :end]
@@ -310,9 +346,7 @@ class CpmBeeAttention(nn.Module):
         self.dropout_p = float(config.dropout_p)
         self.config = config
 
-    def forward(
-        self, x: torch.Tensor, attn_bias: torch.Tensor, cache: CpmBeeCache | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         # x: (B, L, D); attn_bias: (B, H, L, K), -inf where attention is not allowed
         b, length, _ = x.shape
         q = self.project_q(x).view(b, length, self.num_heads, self.dim_head).transpose(1, 2)  # (B, H, L, Dh)
@@ -338,7 +372,8 @@ class CpmBeeAttention(nn.Module):
                 scale=1.0 / math.sqrt(self.dim_head),
             )
         out = out.transpose(1, 2).reshape(b, length, self.num_heads * self.dim_head)  # (B, L, H*Dh)
-        return self.attention_out(out)
+        projected: torch.Tensor = self.attention_out(out)
+        return projected
 
 
 class CpmBeeSelfAttentionBlock(nn.Module):
@@ -353,7 +388,7 @@ class CpmBeeSelfAttentionBlock(nn.Module):
         h: torch.Tensor,
         attn_bias: torch.Tensor,
         query_ok: torch.Tensor | None,
-        cache: CpmBeeCache | None,
+        cache: KVCache | None,
     ) -> torch.Tensor:
         x = self.self_attention(self.layernorm_before_attention(h), attn_bias, cache)
         # A query that may attend to nothing (right padding) outputs zero, as in the original.
@@ -370,7 +405,9 @@ class CpmBeeDenseGatedACT(nn.Module):
         self.w_1 = CpmBeeLinear(dim_in, dim_ff)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.w_0(x)) * self.w_1(x)  # (B, L, F)
+        gate, up = F.gelu(self.w_0(x)), self.w_1(x)
+        out: torch.Tensor = gate * up  # (B, L, F)
+        return out
 
 
 class CpmBeeFeedForward(nn.Module):
@@ -381,7 +418,8 @@ class CpmBeeFeedForward(nn.Module):
         self.dropout_p = float(config.dropout_p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_out(_dropout(self.w_in(x), self.dropout_p, self.training))
+        out: torch.Tensor = self.w_out(_dropout(self.w_in(x), self.dropout_p, self.training))
+        return out
 
 
 class CpmBeeFFNBlock(nn.Module):
@@ -413,7 +451,7 @@ class CpmBeeTransformerBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attn_bias: torch.Tensor,
         query_ok: torch.Tensor | None,
-        cache: CpmBeeCache | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         if not self.mask_att:
             hidden_states = self.self_att(hidden_states, attn_bias, query_ok, cache)
@@ -456,9 +494,79 @@ class CpmBeePreTrainedModel(PreTrainedModel):
         elif isinstance(module, CpmBeeLayerNorm):
             init.ones_(module.weight)
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """transformers' deprecated name of ``is_activation_checkpointing``, which PEFT still reads when it
+        wraps a model; answered here without the deprecation warning."""
+        return self.is_activation_checkpointing
+
 
 def _bool_or(value: bool | None, default: bool) -> bool:
     return default if value is None else bool(value)
+
+
+# transformers renamed the output field `past_key_values` to `cache`; outputs are built with the name this
+# version has (the old name prints a deprecation warning on every forward of the newer versions).
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# keywords that transformers' own callers (PEFT, the Trainer) may pass and that change nothing here
+_TOLERATED = frozenset({"num_items_in_batch"})
+_INPUT_NAMES = frozenset(CpmBeeInputs.__annotations__)
+
+
+def _check_inputs(inputs: Mapping[str, Any]) -> None:
+    """Refuse keywords ``forward`` would otherwise ignore (``None`` values are absent arguments)."""
+    unknown = sorted(k for k, v in inputs.items() if v is not None and k not in _INPUT_NAMES | _TOLERATED)
+    if "attention_mask" in unknown:
+        raise ValueError(
+            "CPM-Bee's forward takes no attention_mask: the mask is built from context/sample_ids/span/length"
+            " (tokenizer(data) builds them; plain input_ids with an attention_mask are for generate())"
+        )
+    if unknown:
+        raise TypeError(f"forward() got unexpected keyword argument(s) {unknown}")
+
+
+def _one_cache(cache: KVCache | None, past_key_values: KVCache | None) -> KVCache | None:
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("give the cache once: `cache` (`past_key_values` is its older name)")
+    return cache if cache is not None else past_key_values
+
+
+def _filled(
+    t: torch.Tensor | None,
+    shape: tuple[int, int],
+    value: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.int32,
+) -> torch.Tensor:
+    """``t``, or a tensor of ``value`` when the input was not given (its documented default)."""
+    return torch.full(shape, value, dtype=dtype, device=device) if t is None else t
+
+
+def _new_tokens(
+    inputs: CpmBeeInputs, shape: tuple[int, int], device: torch.device, start: int
+) -> tuple[TokenMeta, torch.Tensor]:
+    """The metadata of a forward's new tokens as queries (defaults filled in), and which of them are valid
+    keys: positions before ``length`` in right-padded training rows, else ``num_segments != 0``."""
+    b, n = shape
+    position = inputs.get("position")
+    if position is None:
+        position = torch.arange(start, start + n, dtype=torch.int32, device=device).expand(b, -1)
+    length = inputs.get("length")
+    if length is not None:
+        query_valid = key_valid = torch.arange(n, device=device)[None, :] < length.to(device)[:, None]
+    else:
+        query_valid = torch.ones(b, n, dtype=torch.bool, device=device)
+        key_valid = _filled(inputs.get("num_segments"), shape, 1, device) != 0
+    query = TokenMeta(
+        position=position,
+        context=_filled(inputs.get("context"), shape, 1, device, torch.bool).bool(),
+        sample_ids=_filled(inputs.get("sample_ids"), shape, 0, device),
+        segment=_filled(inputs.get("segment"), shape, 0, device),
+        span=_filled(inputs.get("span"), shape, 0, device),
+        valid=query_valid,
+    )
+    return query, key_valid
 
 
 class CpmBeeModel(CpmBeePreTrainedModel):
@@ -477,28 +585,28 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             config.position_bias_max_distance,
         )
         self.gradient_checkpointing = False
-        self.post_init()
+        self.post_init()  # type: ignore[no-untyped-call]
 
-    def get_input_embeddings(self) -> nn.Module:
+    def get_input_embeddings(self) -> CpmBeeEmbeddingExt:
         return self.input_embedding
 
     def set_input_embeddings(self, value: nn.Module) -> None:
+        if not isinstance(value, CpmBeeEmbeddingExt):
+            raise TypeError(f"the input embedding must be a CpmBeeEmbeddingExt, got {type(value).__name__}")
         self.input_embedding = value
 
     def attention_bias(
         self,
-        query: dict[str, torch.Tensor],
-        keys: dict[str, torch.Tensor],
+        query: TokenMeta,
+        keys: TokenMeta,
         num_segments: torch.Tensor,
         segment_rel_offset: torch.Tensor,
         segment_rel: torch.Tensor,
-        query_valid: torch.Tensor,
         dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Additive attention bias ``(B, H, L, K)`` (-inf = not allowed) and the queries with any key ``(B, L)``.
 
-        ``query``/``keys`` hold per-token ``position, context, sample_ids, segment, span`` (``keys`` also
-        ``valid``); ``num_segments``/``segment_rel_offset`` are the queries' (they index ``segment_rel``).
+        ``num_segments``/``segment_rel_offset`` are the queries' (they index ``segment_rel``).
         """
         q_sid, k_sid = query["sample_ids"][:, :, None], keys["sample_ids"][:, None, :]
         same_instance = (q_sid == k_sid) & (
@@ -521,7 +629,7 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         allowed = keys["context"][:, None, :] | (~query["context"][:, :, None] & directional)
         allowed &= (q_sid == 0) | (q_sid == k_sid)
         allowed &= query["span"][:, :, None] == keys["span"][:, None, :]
-        allowed &= keys["valid"][:, None, :] & query_valid[:, :, None]
+        allowed &= keys["valid"][:, None, :] & query["valid"][:, :, None]
         query_ok = allowed.any(dim=-1)  # (B, L)
         # A query with no key would give NaN (and NaN gradients); let it see everything, zero its output later.
         allowed |= ~query_ok[:, :, None]
@@ -532,124 +640,87 @@ class CpmBeeModel(CpmBeePreTrainedModel):
     def forward(
         self,
         input_ids: torch.Tensor,
-        input_id_sub: torch.Tensor | None = None,
-        position: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
-        sample_ids: torch.Tensor | None = None,
-        num_segments: torch.Tensor | None = None,
-        segment: torch.Tensor | None = None,
-        segment_rel_offset: torch.Tensor | None = None,
-        segment_rel: torch.Tensor | None = None,
-        span: torch.Tensor | None = None,
-        length: torch.Tensor | None = None,
-        ext_table_ids: torch.Tensor | None = None,
-        ext_table_sub: torch.Tensor | None = None,
-        past_key_values: CpmBeeCache | None = None,
+        *,
+        cache: KVCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs: Any,
+        past_key_values: KVCache | None = None,
+        **inputs: Unpack[CpmBeeInputs],
     ) -> BaseModelOutputWithPast:
-        """Run the transformer.
+        """Run the transformer over ``input_ids`` ``(B, L)``.
 
-        Args (all ``(B, L)`` integer tensors unless noted; ``cpmbee.prompt`` builds them):
-            input_ids: token ids (the family id for ext tokens).
-            input_id_sub: sub index of each token (default 0).
-            position: position of each token in its segment order (default ``arange`` after the cache).
-            context: bool, given tokens (default all True).
-            sample_ids: 0 for the main sample, k for in-context sample k (default 0).
-            num_segments: segment count of each token's sample; 0 marks padding (default 1).
-            segment: segment index of each token (default 0).
-            segment_rel_offset: offset of each token's sample table in ``segment_rel`` (default 0).
-            segment_rel: ``(B, R)`` flattened segment relation tables (default a single 0).
-            span: packed-instance index in the row (default 0).
-            length: ``(B,)`` valid tokens per row for right-padded training batches; positions beyond are
-                padding for keys and queries. Without it, padding is ``num_segments == 0`` (keys only).
-            ext_table_ids / ext_table_sub: ``(E,)`` unused here, see ``CpmBeeForCausalLM``.
-            past_key_values: a ``CpmBeeCache`` to read and extend.
+        Args:
+            inputs: where each token sits in the structured prompt, ``cpmbee.inputs.CpmBeeInputs`` (built by
+                ``cpmbee.prompt``). With ``length`` it is the training forward (right padding); without it,
+                padding is ``num_segments == 0`` (left padding). ``ext_table_*`` are read by the LM head only.
+            cache: a ``KVCache`` (``CpmBeeCache``) to read and extend (``past_key_values``: its older name).
             use_cache: return a cache (a new one when none is given).
         """
-        if kwargs.get("attention_mask") is not None:
-            raise ValueError(
-                "CpmBeeModel takes no attention_mask: the mask is built from context/sample_ids/span/length"
-            )
+        _check_inputs(inputs)
+        cache = _one_cache(cache, past_key_values)
         b, length_q = input_ids.shape
         device = input_ids.device
-        cache = past_key_values
         use_cache = _bool_or(use_cache, False) or cache is not None
         if use_cache and cache is None:
             cache = CpmBeeCache(self.config.num_hidden_layers, b, length_q, device=device)
+        length = inputs.get("length")
         if cache is not None and length is not None:
             raise ValueError("`length` describes right-padded training rows; it cannot be used with a cache")
         start = len(cache) if cache is not None else 0
-
-        def filled(t: torch.Tensor | None, value: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-            return torch.full((b, length_q), value, dtype=dtype, device=device) if t is None else t
-
-        if position is None:
-            position = torch.arange(start, start + length_q, dtype=torch.int32, device=device).expand(b, -1)
-        context = filled(context, 1, torch.bool).bool()
-        num_segments = filled(num_segments, 1)
-        segment_rel_offset = filled(segment_rel_offset, 0)
+        shape = (b, length_q)
+        query, key_valid = _new_tokens(inputs, shape, device, start)
+        new_keys = TokenMeta(**{**query, "valid": key_valid})
+        keys = cache.append(new_keys) if cache is not None else new_keys
+        num_segments = _filled(inputs.get("num_segments"), shape, 1, device)
+        segment_rel = inputs.get("segment_rel")
         if segment_rel is None:
             segment_rel = torch.zeros(b, 1, dtype=torch.int32, device=device)
-        query = {
-            "position": position,
-            "context": context,
-            "sample_ids": filled(sample_ids, 0),
-            "segment": filled(segment, 0),
-            "span": filled(span, 0),
-        }
-        if length is not None:
-            query_valid = torch.arange(length_q, device=device)[None, :] < length.to(device)[:, None]
-            key_valid = query_valid
-        else:
-            query_valid = torch.ones(b, length_q, dtype=torch.bool, device=device)
-            key_valid = num_segments != 0
-        if cache is not None:
-            keys = cache.append(**query, valid=key_valid)
-        else:
-            keys = {**query, "valid": key_valid}
 
-        hidden = self.input_embedding(input_ids, filled(input_id_sub, 0))  # (B, L, D)
+        hidden = self.input_embedding(
+            input_ids, _filled(inputs.get("input_id_sub"), shape, 0, device)
+        )  # (B, L, D)
+        offset = _filled(inputs.get("segment_rel_offset"), shape, 0, device)
         attn_bias, query_ok = self.attention_bias(
-            query, keys, num_segments, segment_rel_offset, segment_rel, query_valid, hidden.dtype
+            query, keys, num_segments, offset, segment_rel, hidden.dtype
         )
+        checked_ok: torch.Tensor | None = query_ok
         if query_ok.device.type == "cpu" and not torch.compiler.is_compiling() and bool(query_ok.all()):
             # nothing to zero (decoding): the layers skip a masking op; checking is free on the CPU only
-            query_ok = None
+            checked_ok = None
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.encoder.layers:
-            hidden = layer(hidden, attn_bias, query_ok, cache)
+            hidden = layer(hidden, attn_bias, checked_ok, cache)
             if all_hidden is not None:
                 all_hidden.append(hidden)
         hidden = self.encoder.output_layernorm(hidden)
         if all_hidden is not None:
             all_hidden[-1] = hidden
+        returned: dict[str, Any] = {_CACHE_FIELD: cache if use_cache else None}
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
-            past_key_values=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **returned,
         )
 
 
-class CpmBeeForCausalLM(CpmBeePreTrainedModel):
+class CpmBeeForCausalLMBase(CpmBeePreTrainedModel):
     """CPM-Bee with the tied output projection (vocabulary + per-batch ext columns) and the LM loss.
 
-    ``generate(data, tokenizer, **options)`` fills the ``<ans>`` slots of structured inputs; it lives in
-    ``cpmbee.generation`` and is reached from here for the model card's call style.
+    This is the network; ``cpmbee.hf.CpmBeeForCausalLM`` (exported as ``cpmbee.CpmBeeForCausalLM``, the class
+    to load) adds ``generate`` in both call styles on top.
     """
 
     def __init__(self, config: CpmBeeConfig) -> None:
         super().__init__(config)
         self.cpmbee = CpmBeeModel(config)
-        self.post_init()
+        self.post_init()  # type: ignore[no-untyped-call]
 
-    def get_input_embeddings(self) -> nn.Module:
+    def get_input_embeddings(self) -> CpmBeeEmbeddingExt:
         return self.cpmbee.input_embedding
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        self.cpmbee.input_embedding = value
+        self.cpmbee.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> None:
         return None  # the projection is the input embedding itself
@@ -657,53 +728,33 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel):
     def forward(
         self,
         input_ids: torch.Tensor,
-        input_id_sub: torch.Tensor | None = None,
-        position: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
-        sample_ids: torch.Tensor | None = None,
-        num_segments: torch.Tensor | None = None,
-        segment: torch.Tensor | None = None,
-        segment_rel_offset: torch.Tensor | None = None,
-        segment_rel: torch.Tensor | None = None,
-        span: torch.Tensor | None = None,
-        length: torch.Tensor | None = None,
-        ext_table_ids: torch.Tensor | None = None,
-        ext_table_sub: torch.Tensor | None = None,
-        past_key_values: CpmBeeCache | None = None,
+        *,
+        cache: KVCache | None = None,
         use_cache: bool | None = None,
         labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs: Any,
+        past_key_values: KVCache | None = None,
+        **inputs: Unpack[CpmBeeInputs],
     ) -> CausalLMOutputWithPast:
         """Logits ``(B, L, V + E)`` over the vocabulary and the ``E`` ext columns; with ``labels`` (``-100`` =
         ignore, ``V + k`` = ext column ``k``) the mean cross-entropy as ``loss``. ``logits_to_keep = n > 0``
         computes logits for the last ``n`` positions only. Other arguments: see ``CpmBeeModel.forward``."""
-        out = self.cpmbee(
+        out: BaseModelOutputWithPast = self.cpmbee(
             input_ids,
-            input_id_sub=input_id_sub,
-            position=position,
-            context=context,
-            sample_ids=sample_ids,
-            num_segments=num_segments,
-            segment=segment,
-            segment_rel_offset=segment_rel_offset,
-            segment_rel=segment_rel,
-            span=span,
-            length=length,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
-            **kwargs,
+            **inputs,
         )
         hidden = out.last_hidden_state
+        assert hidden is not None
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        device = hidden.device
+        ext_table_ids, ext_table_sub = inputs.get("ext_table_ids"), inputs.get("ext_table_sub")
         if ext_table_ids is None:
-            ext_table_ids = torch.zeros(0, dtype=torch.int32, device=device)
-            ext_table_sub = ext_table_ids
+            ext_table_ids = ext_table_sub = torch.zeros(0, dtype=torch.int32, device=hidden.device)
         elif ext_table_sub is None:
             raise ValueError("ext_table_sub is required with ext_table_ids")
         logits = self.cpmbee.input_embedding(ext_table_ids, ext_table_sub, hidden_states=hidden)
@@ -721,12 +772,5 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel):
                 logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
             )
             loss = total / (labels != -100).sum().clamp(min=1)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
-        )
-
-    def generate(self, data: Any, tokenizer: Any, **options: Any) -> Any:  # type: ignore[override]
-        """Fill the ``<ans>`` slots of one CPM-Bee dict or a list of them; see ``cpmbee.generation.generate``."""
-        from .generation import generate  # generation builds on the model, not the other way round
-
-        return generate(self, tokenizer, data, **options)
+        returned: dict[str, Any] = {_CACHE_FIELD: getattr(out, _CACHE_FIELD)}
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states, **returned)

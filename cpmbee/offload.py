@@ -24,7 +24,7 @@ _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 def parse_memory_limit(text: str) -> dict[int | str, str | int]:
     """``"4GiB"`` (the first GPU, or the CPU without one) or ``"cuda:0=4GiB,cpu=8GiB"`` → accelerate's
     ``max_memory`` mapping (GPU indices as ints, ``"cpu"``)."""
-    out: dict[int | str, str] = {}
+    out: dict[int | str, str | int] = {}
     parts = [p for p in text.split(",") if p.strip()]
     if not parts:
         raise ValueError("memory limit: empty (expected e.g. '4GiB' or 'cuda:0=4GiB,cpu=8GiB')")

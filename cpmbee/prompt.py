@@ -15,8 +15,14 @@ Three consumers share these functions, and only these:
 
 * generation — ``encode_prompt`` removes the answer slots and ``collate_prompts`` left-pads a batch;
 * training — ``encode_sample`` + ``join_samples`` build instances, ``make_training_batch`` pads them into
-  rows with labels (``cpmbee.data`` packs many instances per row);
-* fine-tuning — ``prepare_for_finetune`` (one sample per row, as the model card's call).
+  rows with labels (``cpmbee.data`` packs many instances per row; ``cpmbee.data.finetune`` puts one
+  sample per row, as the model card's ``tokenizer.prepare_for_finetune``);
+* plain text — ``plain_text_input`` is the CPM-Bee input a plain string stands for (transformers' text
+  calls: ``tokenizer(text)``, ``model.generate(**inputs)``, the text-generation pipeline) and
+  ``plain_text_prompt`` reads its token ids back.
+
+Batches hold numpy arrays named as the model's inputs (``cpmbee.inputs``); ``model_inputs()`` makes the
+tensors for ``model(**batch)``.
 
 The arrays match the original implementation exactly (see tests/test_prompt.py against the golden files);
 malformed input raises ``ValueError`` naming the offending field, e.g. ``data['<ans>']['x']``.
@@ -25,19 +31,21 @@ malformed input raises ``ValueError`` naming the offending field, e.g. ``data['<
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any, cast
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .tokenizer import CpmBeeTokenizer
+from .inputs import BATCH_NAMES, CpmBeeBatch
+from .tokenizer import CpmBeeTokenizerBase, Vocabulary, escape
 
 __all__ = [
     "ANSWER_KEY",
+    "ArrayBatch",
     "EncodedSample",
     "ExtState",
     "PromptBatch",
@@ -51,7 +59,8 @@ __all__ = [
     "fill_answers",
     "join_samples",
     "make_training_batch",
-    "prepare_for_finetune",
+    "plain_text_input",
+    "plain_text_prompt",
     "segment_relations",
 ]
 
@@ -230,7 +239,7 @@ def _family(text: str) -> str:
 
 
 def encode_sample(
-    tokenizer: CpmBeeTokenizer,
+    tokenizer: CpmBeeTokenizerBase,
     data: CpmBeeInput,
     *,
     max_depth: int = DEFAULT_MAX_DEPTH,
@@ -242,7 +251,7 @@ def encode_sample(
     """Encode a structured input.
 
     Args:
-        tokenizer: a ``CpmBeeTokenizer``.
+        tokenizer: the CPM-Bee tokenizer.
         data: a string or a nested dict of strings.
         max_depth: depth cap of the segment relations (8 as the released models; 16 allowed).
         shuffle_answer: permute the items of every dict under ``<ans>`` (pre-training does, so the model
@@ -271,7 +280,7 @@ def encode_sample(
         start = len(ids)
         ids.append(bos)
         try:
-            tokenizer._encode_into(seg.text, ids, table, reverse)
+            tokenizer.encode_into(seg.text, ids, table, reverse)
         except ValueError as err:
             raise ValueError(f"{seg.where}: {err}") from None
         if len(ids) > start + 1 and max(ids[start + 1 :]) >= vocab_size:
@@ -366,7 +375,7 @@ def _encode_within(limit: int | None, *args: Any, **kwargs: Any) -> EncodedSampl
 
 
 def encode_prompt(
-    tokenizer: CpmBeeTokenizer,
+    tokenizer: CpmBeeTokenizerBase,
     data: CpmBeeInput,
     *,
     samples: Sequence[CpmBeeInput] = (),
@@ -396,44 +405,31 @@ def encode_prompt(
     if not predict:
         raise ValueError(f"{_field((ANSWER_KEY,))}: no answer to predict")
 
-    ids, subs, segments = enc.ids[keep], enc.subs[keep], enc.segments[keep]
-    parts = [
-        (ids, subs, segments, np.zeros_like(ids), np.full_like(ids, enc.num_segments), np.zeros_like(ids))
-    ]
-    rels = [enc.segment_rel]
-    rel_len = enc.segment_rel.shape[0]
-    state = enc.ext_state
-    length = len(ids)
+    given = dataclasses.replace(
+        enc, ids=enc.ids[keep], subs=enc.subs[keep], context=enc.context[keep], segments=enc.segments[keep]
+    )
+    length = len(given)
     if max_tokens is not None and length > max_tokens:
         raise PromptTooLong(max_tokens)
-    for k, sample in enumerate(samples, start=1):
+    state, extra = enc.ext_state, []
+    for sample in samples:
         left = None if max_tokens is None else max_tokens - length
-        s = _encode_within(
-            max_tokens, tokenizer, sample, max_depth=max_depth, ext_state=state, max_tokens=left
-        )
-        length += len(s)
-        state = s.ext_state
-        parts.append(
-            (
-                s.ids,
-                s.subs,
-                s.segments,
-                np.full_like(s.ids, k),
-                np.full_like(s.ids, s.num_segments),
-                np.full_like(s.ids, rel_len),
+        extra.append(
+            _encode_within(
+                max_tokens, tokenizer, sample, max_depth=max_depth, ext_state=state, max_tokens=left
             )
         )
-        rels.append(s.segment_rel)
-        rel_len += s.segment_rel.shape[0]
-    cols = [np.concatenate(c).astype(np.int32) for c in zip(*parts)]
+        length += len(extra[-1])
+        state = extra[-1].ext_state
+    joined = join_samples(given, extra)
     return PromptSample(
-        ids=cols[0],
-        subs=cols[1],
-        segments=cols[2],
-        sample_ids=cols[3],
-        num_segments=cols[4],
-        segment_rel_offset=cols[5],
-        segment_rel=np.concatenate(rels).astype(np.int32),
+        ids=joined.ids,
+        subs=joined.subs,
+        segments=joined.segments,
+        sample_ids=joined.sample_ids,
+        num_segments=joined.num_segments,
+        segment_rel_offset=joined.segment_rel_offset,
+        segment_rel=joined.segment_rel,
         predict_segments=predict,
         answer_paths=paths,
         ext_state=state,
@@ -441,15 +437,12 @@ def encode_prompt(
 
 
 @dataclass
-class PromptBatch:
-    """A left-padded batch of prompts plus what is needed to turn generated ids back into answers.
-
-    Padding has ``num_segments == 0``, which the model reads as "not a token".
-    """
+class ArrayBatch:
+    """The arrays every batch has, named as the model's inputs (``cpmbee.inputs.CpmBeeInputs`` documents
+    them); subclasses add their own (``position``, ``length``, ``labels``, …) and bookkeeping."""
 
     input_ids: np.ndarray  # (B, L) int32
     input_id_sub: np.ndarray
-    position: np.ndarray
     context: np.ndarray  # (B, L) bool
     sample_ids: np.ndarray
     num_segments: np.ndarray
@@ -458,39 +451,37 @@ class PromptBatch:
     segment_rel: np.ndarray  # (B, R)
     ext_table_ids: np.ndarray  # (E,) family id of each extra output column
     ext_table_sub: np.ndarray  # (E,) its sub
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The model-input arrays (and ``labels``) by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in BATCH_NAMES}
+
+    def model_inputs(self, device: Any = None) -> CpmBeeBatch:
+        """The arrays as tensors on ``device``, for ``model(**batch)``."""
+        import torch
+
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in self.arrays().items()}
+        return cast(CpmBeeBatch, tensors)
+
+
+@dataclass
+class PromptBatch(ArrayBatch):
+    """A left-padded batch of prompts plus what is needed to turn generated ids back into answers.
+
+    Padding has ``num_segments == 0``, which the model reads as "not a token".
+    """
+
+    position: np.ndarray  # (B, L) int32
     predict_segments: list[list[tuple[int, int]]]
     answer_paths: list[list[tuple[str, ...]]]
     # Per row: output column (vocab id for sub 0, vocab_size + k for ext column k) → text.
     ext_tables: list[dict[int, str]]
 
-    TENSOR_FIELDS = (
-        "input_ids",
-        "input_id_sub",
-        "position",
-        "context",
-        "sample_ids",
-        "num_segments",
-        "segment",
-        "segment_rel_offset",
-        "segment_rel",
-        "ext_table_ids",
-        "ext_table_sub",
-    )
 
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def model_inputs(self, device: Any = None) -> dict[str, Any]:
-        """The arrays as torch tensors named as ``CpmBeeForCausalLM.forward`` takes them."""
-        import torch
-
-        return {
-            name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))).to(device)
-            for name in self.TENSOR_FIELDS
-        }
-
-
-def collate_prompts(tokenizer: CpmBeeTokenizer, prompts: Sequence[PromptSample]) -> PromptBatch:
+def collate_prompts(tokenizer: Vocabulary, prompts: Sequence[PromptSample]) -> PromptBatch:
     """Left-pad prompts into one batch and build the batch's extra output columns.
 
     Every ``(family, sub > 0)`` pair of any row (families in first-appearance order, ``<ans>`` excluded) gets a
@@ -574,6 +565,57 @@ def fill_answers(
     return out
 
 
+# ---------------------------------------------------------------------------------------------------- plain text
+PLAIN_TEXT_KEY = "input"
+
+
+def plain_text_input(text: str) -> dict[str, str]:
+    """The CPM-Bee input a plain string stands for: ``{"input": text, "<ans>": ""}`` with ``<`` in the text
+    taken literally (escaped). transformers' text calls use it: ``tokenizer(text)`` gives the ids of its
+    prompt, ``model.generate(**inputs)`` and the text-generation pipeline fill its answer."""
+    if not isinstance(text, str):
+        raise ValueError(f"plain text must be a string, got {type(text).__name__}")
+    return {PLAIN_TEXT_KEY: escape(text), ANSWER_KEY: ""}
+
+
+def plain_text_prompt(ids: Sequence[int], *, bos_id: int, eos_id: int) -> PromptSample:
+    """The prompt of ``plain_text_input(text)`` rebuilt from its token ids alone (``tokenizer(text)``'s
+    ``input_ids`` without padding). The layout fixes the segment tree; the ids give its four given segments,
+    each ``<s> … </s>``, the text being the third. Only ``<s>``/``</s>`` are needed, so transformers'
+    ``generate(input_ids)`` can do this without a tokenizer.
+
+    The tokens get sub index 0 (plain ids carry no ext table: characters outside the vocabulary are
+    ``<unk>``). Ids that are not such a prompt raise ``ValueError``.
+    """
+    tree = _build_segments(plain_text_input(""), False, None)
+    given = [i for i, seg in enumerate(tree) if not seg.predict]
+    ids = [int(i) for i in ids]
+    starts = [j for j, token in enumerate(ids) if token == bos_id]
+    ends = [j for j, token in enumerate(ids) if token == eos_id]
+    framed = (
+        len(starts) == len(given) and starts[0] == 0 and ends == [*(j - 1 for j in starts[1:]), len(ids) - 1]
+    )
+    if not framed:
+        raise ValueError(
+            "input_ids are not a plain-text prompt (tokenizer(text)'s layout {'input': text, '<ans>': ''});"
+            " for CPM-Bee dicts call model.generate(data, tokenizer)"
+        )
+    lengths = np.diff([*starts, len(ids)])
+    n = len(ids)
+    return PromptSample(
+        ids=np.asarray(ids, dtype=np.int32),
+        subs=np.zeros(n, dtype=np.int32),
+        segments=np.repeat(np.asarray(given, dtype=np.int32), lengths),
+        sample_ids=np.zeros(n, dtype=np.int32),
+        num_segments=np.full(n, len(tree), dtype=np.int32),
+        segment_rel_offset=np.zeros(n, dtype=np.int32),
+        segment_rel=segment_relations([s.parent for s in tree], [s.depth for s in tree]),
+        predict_segments=[(i, k) for k, i in enumerate((i for i, s in enumerate(tree) if s.predict), 1)],
+        answer_paths=[()],
+        ext_state=ExtState(),
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- training
 @dataclass
 class TrainingSample:
@@ -637,53 +679,39 @@ def join_samples(main: EncodedSample, extra: Sequence[EncodedSample] = (), raw: 
 
 
 @dataclass
-class TrainingBatch:
+class TrainingBatch(ArrayBatch):
     """Right-padded training rows; each row holds one or more instances (``span`` numbers them)."""
 
-    input_ids: np.ndarray  # (B, L) int32
-    input_id_sub: np.ndarray
     length: np.ndarray  # (B,) valid tokens per row
-    context: np.ndarray  # (B, L) bool
-    sample_ids: np.ndarray
-    num_segments: np.ndarray
-    segment: np.ndarray
-    segment_rel_offset: np.ndarray
-    segment_rel: np.ndarray  # (B, R)
     span: np.ndarray
-    ext_table_ids: np.ndarray  # (E,)
-    ext_table_sub: np.ndarray
     labels: np.ndarray  # (B, L) int32, -100 = no loss
     task_ids: np.ndarray  # (B, L) index into task_names
     task_names: list[str]
     raw_data: list[Any]
 
-    TENSOR_FIELDS = (
-        "input_ids",
-        "input_id_sub",
-        "length",
-        "context",
-        "sample_ids",
-        "num_segments",
-        "segment",
-        "segment_rel_offset",
-        "segment_rel",
-        "span",
-        "ext_table_ids",
-        "ext_table_sub",
-        "labels",
-    )
 
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def model_inputs(self, device: Any = None) -> dict[str, Any]:
-        """Tensors named as ``CpmBeeForCausalLM.forward`` takes them (labels included)."""
-        import torch
-
-        return {
-            name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))).to(device)
-            for name in self.TENSOR_FIELDS
-        }
+def _label_row(
+    labels: np.ndarray,
+    ids: np.ndarray,
+    subs: np.ndarray,
+    context: np.ndarray,
+    columns: dict[tuple[int, int], int],
+    vocab_size: int,
+    bos_id: int,
+    eos_id: int,
+) -> None:
+    """Write one row's next-token labels into ``labels`` (see ``make_training_batch``); new ``(id, sub)``
+    pairs get the next extra column in ``columns``."""
+    target = ids.astype(np.int64)
+    for j in np.flatnonzero(subs > 0):
+        key = (int(ids[j]), int(subs[j]))
+        target[j] = vocab_size + columns.setdefault(key, len(columns))
+    target[ids == bos_id] = eos_id
+    predict_next = ~context[:-1]
+    predict_next[0] = False  # the original starts at j = 2
+    labels[:-1][predict_next] = target[1:][predict_next]
+    if not context[-1]:
+        labels[-1] = eos_id
 
 
 def make_training_batch(
@@ -752,21 +780,14 @@ def make_training_batch(
             rel_pos += inst.segment_rel.shape[0]
             pos += n
             raw_data.append(inst.raw)
-        n = pos
-        if n == 0:
-            continue
-        ids, subs, ctx = out["input_ids"][b, :n], out["input_id_sub"][b, :n], context[b, :n]
-        target = ids.astype(np.int64)
-        for j in np.flatnonzero(subs > 0):
-            key = (int(ids[j]), int(subs[j]))
-            target[j] = vocab_size + columns.setdefault(key, len(columns))
-        target[ids == bos_id] = eos_id
-        row_labels = labels[b, :n]
-        predict_next = ~ctx[:-1]
-        predict_next[0] = False  # the original starts at j = 2
-        row_labels[:-1][predict_next] = target[1:][predict_next]
-        if not ctx[-1]:
-            row_labels[-1] = eos_id
+        if pos:
+            cells = (
+                labels[b, :pos],
+                out["input_ids"][b, :pos],
+                out["input_id_sub"][b, :pos],
+                context[b, :pos],
+            )
+            _label_row(*cells, columns, vocab_size, bos_id, eos_id)
 
     keys = list(columns) or [(0, 1)]
     return TrainingBatch(
@@ -781,16 +802,3 @@ def make_training_batch(
         task_names=task_names,
         raw_data=raw_data,
     )
-
-
-def prepare_for_finetune(
-    tokenizer: CpmBeeTokenizer, data: Any, max_length: int = 2048, **options: Any
-) -> Any:
-    """Samples with filled ``<ans>`` → one padded row each with ``labels``, for ``model(**batch).loss``.
-
-    Built from ``encode_sample`` + ``make_training_batch`` above; the fine-tuning options (truncation
-    policy, ``pad_to_multiple_of``, dict-of-lists input) are documented in ``cpmbee.data.finetune``.
-    """
-    from .data.finetune import prepare_for_finetune as prepare  # the data layer builds on this module
-
-    return prepare(tokenizer, data, max_length, **options)

@@ -16,7 +16,9 @@ bitsandbytes is an optional dependency (``pip install 'cpmbee[quant]'``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -38,13 +40,28 @@ class _ExpectedNotes(logging.Filter):
         return not str(record.msg).startswith(self.NOTES)
 
 
+@contextlib.contextmanager
+def quiet_bitsandbytes_import() -> Iterator[None]:
+    """Importing bitsandbytes on a machine without its optional CPU kernel package logs a warning ("Failed
+    to load CPU gemm_4bit_forward from kernels-community …") that no cpmbee path needs; hold it back while
+    bitsandbytes, or peft (which imports it), loads."""
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _bnb() -> Any:
     for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
         log = logging.getLogger(name)
         if not any(isinstance(f, _ExpectedNotes) for f in log.filters):
             log.addFilter(_ExpectedNotes())
     try:
-        import bitsandbytes
+        with quiet_bitsandbytes_import():
+            import bitsandbytes
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("quantization needs bitsandbytes: pip install 'cpmbee[quant]'") from err
     return bitsandbytes
@@ -117,7 +134,7 @@ def quantize_model(
         new = new.to(device)  # bitsandbytes quantizes when the weight is moved
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-    config: Any = model.config
+    config: Any = model.config  # a PreTrainedConfig: quantization is recorded there for /health and saves
     config.quantization = {"bits": bits, "quant_type": quant_type if bits == 4 else "llm.int8"}
     return model
 

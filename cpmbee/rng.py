@@ -18,16 +18,20 @@ __all__ = ["capture_rng", "restore_rng", "rng_from_json", "rng_to_json"]
 def rng_to_json(rng: np.random.RandomState | random.Random) -> list[Any]:
     """A JSON-able snapshot of a numpy ``RandomState`` or a Python ``random.Random``."""
     if isinstance(rng, np.random.RandomState):
-        name, keys, pos, has_gauss, cached = rng.get_state()
-        return ["numpy", name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+        name, keys, pos, has_gauss, cached = rng.get_state(legacy=True)
+        return ["numpy", name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)]
     version, internal, gauss = rng.getstate()
     return ["python", version, list(internal), gauss]
 
 
 def rng_from_json(data: list[Any], rng: np.random.RandomState | random.Random) -> None:
-    if data[0] == "numpy":
+    if isinstance(rng, np.random.RandomState):
+        if data[0] != "numpy":
+            raise ValueError(f"a {data[0]} RNG state cannot seed a numpy RandomState")
         rng.set_state((data[1], np.asarray(data[2], dtype=np.uint32), data[3], data[4], data[5]))
     else:
+        if data[0] != "python":
+            raise ValueError(f"a {data[0]} RNG state cannot seed a Python Random")
         rng.setstate((data[1], tuple(data[2]), data[3]))
 
 

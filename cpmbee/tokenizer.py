@@ -25,11 +25,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from transformers import PreTrainedTokenizer
 
-__all__ = ["CpmBeeTokenizer", "EncodedText", "Piece", "escape", "unescape"]
+__all__ = [
+    "CpmBeeTokenizerBase",
+    "EncodedText",
+    "InvalidTokenIdError",
+    "Piece",
+    "Vocabulary",
+    "escape",
+    "unescape",
+]
 
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.txt"}
 
@@ -65,6 +73,23 @@ class EncodedText(NamedTuple):
     ext_table: dict[int, str]
 
 
+class Vocabulary(Protocol):
+    """The vocabulary facts that collating prompts and decoding read. ``CpmBeeTokenizerBase`` has them all;
+    ``cpmbee.generation.ConfigVocabulary`` gives them from a model's config when there is no tokenizer."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def bos_id(self) -> int: ...
+    @property
+    def eos_id(self) -> int: ...
+    @property
+    def unk_id(self) -> int: ...
+    @property
+    def encoder(self) -> Mapping[str, int]: ...
+    def decode(self, token_ids: Sequence[int], ext_table: Mapping[int, str] | None = None) -> str: ...
+
+
 class InvalidTokenIdError(ValueError, KeyError):
     """An id that is neither in the vocabulary nor in the ext table given to ``decode``."""
 
@@ -81,7 +106,7 @@ def unescape(text: str) -> str:
     return text.replace("<<", "<")
 
 
-def load_vocab_lines(vocab_file: str | os.PathLike) -> list[str]:
+def load_vocab_lines(vocab_file: str | os.PathLike[str]) -> list[str]:
     """Vocabulary entries in id order (the file's non-empty lines, as the original reads them)."""
     with open(vocab_file, encoding="utf-8", newline=None) as f:
         lines = f.read().split("\n")
@@ -185,36 +210,29 @@ class _Matcher:
         return self.split_cached(text) if len(text) <= _CACHED_PART_LEN else self.split(text)
 
 
-class CpmBeeTokenizer(PreTrainedTokenizer):
-    """CPM-Bee tokenizer over a ``vocab.txt`` (one entry per line, the line number is the id).
+class CpmBeeTokenizerBase(PreTrainedTokenizer):
+    """CPM-Bee text tokenizer over a ``vocab.txt`` (one entry per line, the line number is the id).
 
-    Beyond the ``transformers`` API it offers the CPM-Bee calls:
+    The CPM-Bee calls:
 
     * ``encode(text, past_table=None) -> EncodedText(ids, ext_table)`` — ids with the ext table;
     * ``decode(ids, ext_table=None)`` — the inverse (special tokens verbatim, other ``<`` escaped as ``<<``);
-    * ``pieces(text)`` — the split itself;
-    * ``prepare_for_finetune(data, max_length)`` — structured samples to a training batch (``cpmbee.data.finetune``).
+      ``decode(encode(text))`` gives ``text`` back;
+    * ``encode_into(text, ids, table, reverse)`` — ``encode`` appending to lists (the prompt encoder's hot
+      path);
+    * ``pieces(text)`` — the split itself.
 
-    The ``transformers`` entry points (``tokenizer("text")``, ``tokenize``, ``convert_tokens_to_ids``) see
-    plain token strings; there an unknown run maps to ``<unk>``, as no ext table travels with them.
+    The ``transformers`` entry points (``tokenize``, ``convert_tokens_to_ids``) see plain token strings; there
+    an unknown run maps to ``<unk>``, as no ext table travels with them. The class to load is
+    ``cpmbee.CpmBeeTokenizer`` (``cpmbee.hf``), which adds calls on structured inputs and plain text.
     """
 
     vocab_files_names = VOCAB_FILES_NAMES
-    model_input_names = [
-        "input_ids",
-        "input_id_sub",
-        "position",
-        "context",
-        "sample_ids",
-        "num_segments",
-        "segment",
-        "segment_rel_offset",
-        "segment_rel",
-    ]
+    model_input_names = ["input_ids", "attention_mask"]
 
     def __init__(
         self,
-        vocab_file: str | os.PathLike,
+        vocab_file: str | os.PathLike[str],
         bos_token: str = "<s>",
         eos_token: str = "</s>",
         unk_token: str = "<unk>",
@@ -244,7 +262,7 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         for name, token in (("bos_token", bos_token), ("eos_token", eos_token), ("unk_token", unk_token)):
             if str(token) not in encoder:
                 raise ValueError(f"{vocab_file}: {name} {str(token)!r} is not in the vocabulary")
-        super().__init__(
+        super().__init__(  # type: ignore[no-untyped-call]
             bos_token=bos_token,
             eos_token=eos_token,
             unk_token=unk_token,
@@ -293,22 +311,26 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
                 out.extend(Piece(p, NORMAL if i >= 0 else UNKNOWN) for i, p in zip(ids, texts))
         return out
 
-    def encode(  # type: ignore[override]
-        self, text: str, past_table: Mapping[int, str] | None = None
+    def encode(
+        self, text: str, past_table: Mapping[int, str] | None = None, *, add_special_tokens: bool = False
     ) -> EncodedText:
         """Token ids of ``text`` and the ext table for the ids ``>= vocab_size``.
 
         ``past_table`` (not modified) seeds the table, so strings seen before keep their ids; the returned
-        table contains it plus the new entries.
+        table contains it plus the new entries. ``add_special_tokens`` is accepted for ``transformers``
+        callers and changes nothing: CPM-Bee text has no special tokens around it (segments do, see
+        ``cpmbee.prompt``).
         """
         table = dict(past_table) if past_table else {}
         reverse = {s: i for i, s in table.items()}
         ids: list[int] = []
-        self._encode_into(text, ids, table, reverse)
+        self.encode_into(text, ids, table, reverse)
         return EncodedText(ids, table)
 
-    def _encode_into(self, text: str, ids: list[int], table: dict[int, str], reverse: dict[str, int]) -> None:
-        """Append the ids of ``text`` to ``ids``, extending ``table``/``reverse`` in place (hot path)."""
+    def encode_into(self, text: str, ids: list[int], table: dict[int, str], reverse: dict[str, int]) -> None:
+        """Append the ids of ``text`` to ``ids``; a new ext string is added to ``table`` (id → text) and
+        ``reverse`` (text → id) in place. ``encode`` without the copies, for callers encoding many strings
+        into one sequence."""
         parts = split_special(text)
         matcher, special_vocab = self._matcher, self.special_vocab
         for index, part in enumerate(parts):
@@ -350,15 +372,21 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         so the result can be fed back to ``encode``. With ``skip_special_tokens`` the vocabulary special
         tokens are dropped.
         """
+        table: Mapping[int, str] = {}
         if isinstance(ext_table, bool):  # transformers-style positional `skip_special_tokens`
-            skip_special_tokens, ext_table = ext_table, None
+            skip_special_tokens = ext_table
+        elif ext_table is not None:
+            table = ext_table
+        if isinstance(token_ids, EncodedText):  # decode(encode(text))
+            if ext_table is not None and not isinstance(ext_table, bool):
+                raise ValueError("decode: an EncodedText carries its own ext table; give no ext_table")
+            table = token_ids.ext_table
+            token_ids = token_ids.ids
         if hasattr(token_ids, "tolist"):
             token_ids = token_ids.tolist()
-        if isinstance(token_ids, int):
-            token_ids = [token_ids]
-        table = ext_table or {}
+        ids: Iterable[Any] = [token_ids] if isinstance(token_ids, int) else token_ids
         out: list[str] = []
-        for token_id in token_ids:
+        for token_id in ids:
             token_id = int(token_id)
             if token_id in table:
                 out.append(table[token_id])
@@ -375,48 +403,6 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
                 else:
                     out.append(escape(word))
         return "".join(out)
-
-    # ------------------------------------------------------------------ structured inputs
-    def __call__(self, text: Any = None, *args: Any, **kwargs: Any) -> Any:
-        """Strings go the ``transformers`` way. A CPM-Bee dict (or a list of them) becomes a left-padded
-        generation batch, as the hub tokenizer did: ``model(**tokenizer(data, return_tensors="pt"))``; the
-        ``PromptBatch`` (answer slots, ext tables) is attached as ``.prompt_batch``."""
-        is_structured = isinstance(text, Mapping) or (
-            isinstance(text, (list, tuple)) and len(text) > 0 and isinstance(text[0], Mapping)
-        )
-        if not is_structured:
-            return super().__call__(text, *args, **kwargs)
-        from transformers import BatchEncoding
-
-        from .prompt import collate_prompts, encode_prompt
-
-        batch = collate_prompts(
-            self, [encode_prompt(self, d) for d in ([text] if isinstance(text, Mapping) else text)]
-        )
-        tensor_type = kwargs.get("return_tensors")
-        if tensor_type == "pt":
-            data = batch.model_inputs(kwargs.get("device"))
-        elif tensor_type in (None, "np"):
-            data = {name: getattr(batch, name) for name in batch.TENSOR_FIELDS}
-            if tensor_type is None:
-                data = {k: v.tolist() for k, v in data.items()}
-        else:
-            raise ValueError(
-                f"return_tensors must be 'pt', 'np' or None for structured inputs, got {tensor_type!r}"
-            )
-        encoding = BatchEncoding(data)
-        encoding.prompt_batch = batch
-        return encoding
-
-    def prepare_for_finetune(self, data: Any, max_length: int = 2048, **kwargs: Any) -> Any:
-        """Structured samples with filled ``<ans>`` → a padded training batch with ``labels``.
-
-        ``data``: a dict, a list of dicts or a dict of lists; options (``truncation``,
-        ``pad_to_multiple_of``, ``shuffle_answer``) and the truncation policy: ``cpmbee.data.finetune``.
-        """
-        from .data.finetune import prepare_for_finetune  # the data layer builds on this module
-
-        return prepare_for_finetune(self, data, max_length=max_length, **kwargs)
 
     # ------------------------------------------------------------------ transformers plumbing
     def tokenize(self, text: str, **kwargs: Any) -> list[str]:  # type: ignore[override]

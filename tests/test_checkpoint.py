@@ -52,6 +52,7 @@ def test_original_pt_converts_and_loads_with_auto_classes(original_checkpoint, t
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
+        "generation_config.json",
         "model.safetensors",
         "tokenizer_config.json",
         "vocab.txt",
@@ -74,7 +75,7 @@ def test_original_pt_converts_and_loads_with_auto_classes(original_checkpoint, t
     assert not (tmp_path / ".hf").exists() and not any(p.name.startswith(".hf.") for p in tmp_path.iterdir())
 
 
-def test_half_checkpoint_keeps_fp16_unless_asked(original_checkpoint, tmp_path):
+def test_half_checkpoint_keeps_fp16_unless_asked(original_checkpoint, tmp_path, monkeypatch):
     state = load_state_dict(original_checkpoint)
     torch.save({k: v.half() for k, v in state.items()}, original_checkpoint)
     config = json.loads((original_checkpoint.parent / "cpm-bee-tiny.json").read_text())
@@ -85,6 +86,10 @@ def test_half_checkpoint_keeps_fp16_unless_asked(original_checkpoint, tmp_path):
     assert model.dtype == torch.float32  # `half` never overrides an explicit dtype
     out = tmp_path / "hf16"
     assert CliRunner().invoke(cli, ["convert", str(original_checkpoint), str(out)]).exit_code == 0
+    # from_pretrained computes in float32 on a machine without CUDA, in the checkpoint's dtype with one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert CpmBeeForCausalLM.from_pretrained(out).dtype == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert CpmBeeForCausalLM.from_pretrained(out).dtype == torch.float16
     assert CpmBeeForCausalLM.from_pretrained(out, dtype=torch.float32).dtype == torch.float32
 

@@ -14,11 +14,11 @@ from click.testing import CliRunner
 
 from cpmbee import CpmBeeForCausalLM
 from cpmbee.data.finetune import FinetuneCollator, prepare_for_finetune
+from cpmbee.evaluation.answer_metrics import exact_match, f1_tokens, normalize_answer, parse_choice, token_f1
 from cpmbee.evaluation.likelihood import best_candidate, evaluate, score_answers
-from cpmbee.evaluation.metrics import exact_match, f1_tokens, normalize_answer, parse_choice, token_f1
 from cpmbee.evaluation.perplexity import score_texts, summarize, text_windows
 from cpmbee.evaluation.tasks import detect_kind, format_table, load_task, run_task
-from cpmbee.train.objective import AnswerObjective
+from cpmbee.objective import AnswerObjective
 from tests.conftest import SHARED, random_weights_, tiny_config
 
 WORDS = ["the", "an", "in", "on", "is", "input", "prompt", "question", "今天", "天气", "不错", "中国", "北京"]

@@ -19,9 +19,9 @@ from cpmbee.checkpoint import load_model
 from cpmbee.data.finetune import FinetuneCollator, prepare_for_finetune
 from cpmbee.evaluation.likelihood import evaluate
 from cpmbee.generation import allowed_output_columns
+from cpmbee.objective import AnswerObjective
 from cpmbee.train.finetune import FinetuneArgs, run_finetune
 from cpmbee.train.metrics import read_records
-from cpmbee.train.objective import AnswerObjective
 
 from .conftest import REPO_ROOT, random_weights_, tiny_config
 

@@ -302,7 +302,7 @@ def test_two_processes_exact_resume_and_world_size_change(setup, tmp_path):
 def test_samples_at_checkpoints(setup, tmp_path, monkeypatch):
     import torch
 
-    from cpmbee.model import CpmBeeForCausalLM
+    from cpmbee import CpmBeeForCausalLM
     from cpmbee.train.pretrain import run_pretrain
 
     calls = []
@@ -344,7 +344,7 @@ def test_nonfinite_step_is_skipped_and_reported(setup, tmp_path, monkeypatch):
 
     import torch.nn.functional as F
 
-    import cpmbee.train.objective as objective
+    import cpmbee.objective as objective
     import cpmbee.train.pretrain as pretrain
 
     calls = {"n": 0}

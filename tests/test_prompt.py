@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from cpmbee.data import BatchPacker, InstanceBuilder, apply_transform, validate_template
+from cpmbee.data.finetune import prepare_for_finetune
 from cpmbee.prompt import (
     ExtState,
     collate_prompts,
     encode_prompt,
     encode_sample,
     fill_answers,
-    prepare_for_finetune,
     segment_relations,
 )
 

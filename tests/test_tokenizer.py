@@ -141,8 +141,12 @@ def test_greedy_longest_match_against_oracle(tiny_tokenizer):
 def test_transformers_api(tokenizer, tmp_path):
     from transformers import AutoTokenizer
 
-    enc = tokenizer("今天天气不错")
-    assert enc["input_ids"] == tokenizer.encode("今天天气不错").ids
+    from cpmbee.prompt import encode_prompt, plain_text_input
+
+    enc = tokenizer("今天天气不错")  # plain text: the ids of the plain-text layout
+    assert enc["input_ids"] == encode_prompt(tokenizer, plain_text_input("今天天气不错")).ids.tolist()
+    assert enc["attention_mask"] == [1] * len(enc["input_ids"])
+    assert tokenizer.decode(tokenizer.encode("今天天气不错")) == "今天天气不错"
     assert tokenizer.convert_tokens_to_ids("😀") == tokenizer.unk_id  # no ext table on this path
     assert tokenizer.decode([6, 40, 7], skip_special_tokens=True) == "<<"
     tokenizer.save_pretrained(tmp_path)

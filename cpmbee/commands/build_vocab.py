@@ -25,7 +25,7 @@ def build_vocab(
     """
     from ..data.vocab import build_vocab as build
     from ..data.vocab import iter_corpus_texts, write_vocab
-    from ..tokenizer import CpmBeeTokenizer
+    from ..hf import CpmBeeTokenizer
 
     try:
         entries = build(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .options import DTYPE
+
 
 @click.command()
 @click.argument("src", type=click.Path(exists=True))
@@ -21,9 +23,9 @@ import click
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
+    type=DTYPE,
     default=None,
-    help="Store the weights in this dtype (default: as in SRC).",
+    help="Store the weights in this dtype (default: as in SRC; fp32, bf16, fp16 accepted).",
 )
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 def convert(
@@ -31,9 +33,9 @@ def convert(
 ) -> None:
     """Convert SRC (a cpm-bee-*.pt file or a checkpoint directory) into DST.
 
-    DST gets config.json, model*.safetensors, vocab.txt and tokenizer_config.json, loadable with
-    AutoModelForCausalLM/AutoTokenizer.from_pretrained(DST) after `import cpmbee`. DST is written
-    to a temporary directory first and moved into place only when complete.
+    DST gets config.json, generation_config.json, model*.safetensors, vocab.txt and tokenizer_config.json,
+    loadable with AutoModelForCausalLM/AutoTokenizer.from_pretrained(DST) after `import cpmbee`. DST is
+    written to a temporary directory first and moved into place only when complete.
     """
     from ..checkpoint import convert as run_convert
 

@@ -6,12 +6,59 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from .options import ModelArgs, generation_options, model_options, pop_generation_options
+
+if TYPE_CHECKING:
+    from ..hf import CpmBeeForCausalLM
+
+
+def _check(options: dict[str, Any], tasks: tuple[str, ...]) -> dict[str, Any]:
+    """Every problem with the options at once (a usage error), else the generation options."""
+    from ..generation_options import GenerationOptions
+
+    problems = [
+        f"--{name.replace('_', '-')} must be positive, got {options[name]}"
+        for name in ("batch_size", "max_length", "window")
+        if options[name] < 1
+    ]
+    if options["limit"] is not None and options["limit"] < 1:
+        problems.append(f"--limit must be positive, got {options['limit']}")
+    generation = pop_generation_options(options)
+    try:
+        GenerationOptions.parse(generation)
+    except ValueError as err:
+        problems.append(str(err))
+    names = [Path(t).stem for t in tasks]
+    if len(set(names)) != len(names):
+        problems.append(f"--task files need distinct names, got {names}")
+    if problems:
+        raise click.UsageError("; ".join(problems))
+    return generation
+
+
+def _report_config(
+    model_args: ModelArgs, model: CpmBeeForCausalLM, options: dict[str, Any], generation: dict[str, Any]
+) -> dict[str, Any]:
+    import torch
+
+    return {
+        "model": model_args.model or "(embedded default model)",
+        **{k: v for k, v in options.items() if k != "predictions"},
+        "generation": generation,
+        "device": str(next(model.parameters()).device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
 
 @click.command(name="eval")
-@click.option("--model", "model_path", default=None, help="Model directory (default: the embedded model).")
 @click.option(
     "--task",
     "tasks",
@@ -32,38 +79,18 @@ import click
 )
 @click.option("--limit", default=None, type=int, help="Evaluate the first N examples of each task only.")
 @click.option("--by-generation", is_flag=True, help="Choice tasks: also score by generating the answer.")
-@click.option("--beam-size", default=1, show_default=True, type=int, help="Generation: beams (1 = greedy).")
-@click.option(
-    "--max-new-tokens", default=32, show_default=True, type=int, help="Generation: answer length cap."
-)
 @click.option(
     "--max-length", default=2048, show_default=True, type=int, help="Likelihood rows are cut to this."
 )
 @click.option("--window", default=256, show_default=True, type=int, help="Perplexity window in tokens.")
-@click.option("--device", default=None, help="torch device (default: CUDA when available, else CPU).")
-@click.option("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's).")
 @click.option("--predictions", is_flag=True, help="Put per-example predictions in the report.")
 @click.option(
     "--output", "-o", default=None, type=click.Path(dir_okay=False), help="Write the JSON report here."
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def eval_command(
-    model_path: str | None,
-    tasks: tuple[str, ...],
-    kind: str,
-    batch_size: int,
-    limit: int | None,
-    by_generation: bool,
-    beam_size: int,
-    max_new_tokens: int,
-    max_length: int,
-    window: int,
-    device: str | None,
-    dtype: str | None,
-    predictions: bool,
-    output: str | None,
-    no_progress: bool,
-) -> None:
+@model_options
+@generation_options(only=("beam_size", "max_new_tokens"), defaults={"beam_size": 1, "max_new_tokens": 32})
+def eval_command(tasks: tuple[str, ...], output: str | None, no_progress: bool, **options: Any) -> None:
     """Evaluate a model on CPM-Bee task files and print a table (docs/evaluation.md).
 
     \b
@@ -71,84 +98,31 @@ def eval_command(
                 accuracy by option likelihood (+ by generation with --by-generation)
     generation  {…, "<ans>": "reference"}: exact match and token F1 of generated answers
     perplexity  {"text": …} lines or a .txt file: NLL per token, perplexity, bits per character
+
+    Generated answers use --beam-size (default greedy) and --max-new-tokens.
     """
-    import torch
-
     from ..evaluation.tasks import format_table, run_task
+    from ..files import write_text_atomic
 
-    problems = [
-        f"{name} must be positive, got {value}"
-        for name, value in (
-            ("--batch-size", batch_size),
-            ("--beam-size", beam_size),
-            ("--max-new-tokens", max_new_tokens),
-            ("--max-length", max_length),
-            ("--window", window),
-        )
-        if value < 1
-    ]
-    if limit is not None and limit < 1:
-        problems.append(f"--limit must be positive, got {limit}")
-    if problems:
-        raise click.UsageError("; ".join(problems))
-    names = [Path(t).stem for t in tasks]
-    if len(set(names)) != len(names):
-        raise click.UsageError(f"--task files need distinct names, got {names}")
-
-    from ..api import load_model_and_tokenizer
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_args = ModelArgs.pop_from(options)
+    generation = _check(options, tasks)
     start = time.perf_counter()
-    try:
-        model, tokenizer = load_model_and_tokenizer(model_path, device=device, dtype=dtype)
-    except (ValueError, FileNotFoundError) as err:
-        raise click.ClickException(f"--model: {err}") from err
-    load_s = time.perf_counter() - start
-    generation = {"beam_size": beam_size, "max_new_tokens": max_new_tokens}
-    report: dict = {
-        "config": {
-            "model": model_path or "(embedded default model)",
-            "kind": kind,
-            "batch_size": batch_size,
-            "limit": limit,
-            "by_generation": by_generation,
-            "generation": generation,
-            "max_length": max_length,
-            "window": window,
-            "device": str(device),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+    model, tokenizer = model_args.load()
+    report: dict[str, Any] = {
+        "config": _report_config(model_args, model, options, generation),
         "tasks": {},
-        "timing": {"load_s": round(load_s, 3)},
+        "timing": {"load_s": round(time.perf_counter() - start, 3)},
     }
     start = time.perf_counter()
-    for name, task in zip(names, tasks):
+    for task in tasks:
         try:
-            report["tasks"][name] = run_task(
-                model,
-                tokenizer,
-                task,
-                kind=kind,
-                batch_size=batch_size,
-                limit=limit,
-                by_generation=by_generation,
-                generation=generation,
-                max_length=max_length,
-                window=window,
-                predictions=predictions,
-                show_progress=not no_progress,
+            report["tasks"][Path(task).stem] = run_task(
+                model, tokenizer, task, generation=generation, show_progress=not no_progress, **options
             )
         except ValueError as err:
             raise click.ClickException(f"--task {task}: {err}") from err
     report["timing"]["eval_s"] = round(time.perf_counter() - start, 3)
     click.echo(format_table(report))
     if output:
-        from ..files import write_text_atomic
-
         write_text_atomic(output, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
         click.echo(f"report written to {output}")

@@ -9,7 +9,9 @@ from typing import Any
 
 import click
 
+from ..dtypes import ALIASES_HELP
 from ..train.finetune_args import FinetuneArgs
+from .options import DTYPE
 
 
 def _option(f: dataclasses.Field) -> Any:
@@ -24,6 +26,10 @@ def _option(f: dataclasses.Field) -> Any:
     if kind is bool:
         return click.option(f"{name}/--no-{name[2:]}", default=default, show_default=True, help=help_text)
     choices = f.metadata.get("choices")
+    if f.name == "dtype":  # the shared --dtype vocabulary (aliases accepted, canonical names)
+        return click.option(
+            name, type=DTYPE, default=default, help=f"{help_text.rstrip('.')} ({ALIASES_HELP})."
+        )
     return click.option(
         name,
         type=click.Choice(choices) if choices else kind,

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import click
 
+from .options import HOST
+
 
 @click.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--host",
-    default="127.0.0.1",
-    show_default=True,
-    help="Interface to listen on (loopback only by default).",
-)
+@HOST
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .options import DTYPE
+
 
 @click.command(name="merge-lora")
 @click.argument("base", type=click.Path(exists=True))
@@ -18,9 +20,9 @@ import click
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
+    type=DTYPE,
     default=None,
-    help="Dtype of the merged weights (default: the base checkpoint's). The merge itself is float32.",
+    help="Dtype of the merged weights (default: the base checkpoint's; fp32, bf16, fp16 accepted). The merge itself is float32.",
 )
 @click.option(
     "--vocab",
@@ -36,8 +38,8 @@ def merge_lora(base: str, adapter: str, dst: str, alpha: float, dtype: str | Non
     """
     from ..checkpoint import load_model
     from ..files import find_vocab
+    from ..hf import CpmBeeTokenizer
     from ..lora import load_adapter, save_merged
-    from ..tokenizer import CpmBeeTokenizer
 
     try:
         vocab_path = find_vocab(base, vocab)

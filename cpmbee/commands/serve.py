@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import click
+
+from .options import HOST, ModelArgs, model_options
 
 
 @click.command()
-@click.option(
-    "--model",
-    "model_path",
-    type=click.Path(exists=True),
-    default=None,
-    help="Model directory or checkpoint file. Default: the embedded demo model.",
-)
-@click.option(
-    "--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default)."
-)
+@model_options
+@HOST
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free one)."
 )
@@ -27,36 +24,6 @@ import click
 )
 @click.option(
     "--model-name", default=None, help="Name reported to OpenAI clients. Default: the model directory's name."
-)
-@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... Default: CUDA when available.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["fp32", "fp16", "bf16"]),
-    default=None,
-    help="Compute dtype. Default: fp32 on the CPU, the checkpoint's elsewhere.",
-)
-@click.option(
-    "--quantize",
-    type=click.Choice(["int8", "nf4"]),
-    default=None,
-    help="Weight-only quantization with bitsandbytes.",
-)
-@click.option(
-    "--memory-limit",
-    default=None,
-    help="Fit the model in this memory, e.g. '4GiB' or 'cuda:0=4GiB,cpu=8GiB'; the rest goes to disk.",
-)
-@click.option(
-    "--offload-folder",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Where --memory-limit puts layers that fit nowhere. Default: a temporary directory.",
-)
-@click.option(
-    "--compile",
-    "compile_",
-    is_flag=True,
-    help="torch.compile the decode step at start-up (slow start, faster decoding).",
 )
 @click.option(
     "--max-queue",
@@ -118,17 +85,10 @@ import click
     "--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info"
 )
 def serve(
-    model_path: str | None,
     host: str,
     port: int,
     api_key: str | None,
     model_name: str | None,
-    device: str | None,
-    dtype: str | None,
-    quantize: str | None,
-    memory_limit: str | None,
-    offload_folder: str | None,
-    compile_: bool,
     max_queue: int,
     max_batch_size: int,
     batch_wait_ms: float,
@@ -138,6 +98,7 @@ def serve(
     max_body_bytes: int,
     body_timeout: float,
     log_level: str,
+    **options: Any,
 ) -> None:
     """Serve a CPM-Bee model over HTTP with dynamic batching.
 
@@ -168,19 +129,17 @@ def serve(
             "can use the model",
             err=True,
         )
+    model_args = ModelArgs.pop_from(options)
     try:
         sock = bind_socket(host, port)  # first: a taken port should not wait for the model to load
     except OSError as err:
         raise click.ClickException(str(err)) from err
     try:
+        model_args.check()
+        loading = {k: v for k, v in dataclasses.asdict(model_args).items() if k != "model"}
         engine, info = load_engine(
-            model_path,
-            device=device,
-            dtype=dtype,
-            quantize=quantize,
-            memory_limit=memory_limit,
-            offload_folder=offload_folder,
-            compile=compile_,
+            model_args.model,
+            **loading,
             max_queue=max_queue,
             max_batch_rows=max_batch_size,
             batch_wait_s=batch_wait_ms / 1000,
@@ -190,7 +149,7 @@ def serve(
     if model_name is None:
         from pathlib import Path
 
-        model_name = Path(model_path).resolve().name if model_path else "cpmbee-demo"
+        model_name = Path(model_args.model).resolve().name if model_args.model else "cpmbee-demo"
     limits = Limits(
         max_body_bytes=max_body_bytes,
         max_new_tokens=max_new_tokens,

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..inputs import CpmBeeBatch
 from ..prompt import (
     ANSWER_KEY,
     DEFAULT_MAX_DEPTH,
@@ -37,6 +38,7 @@ from ..prompt import (
     join_samples,
     make_training_batch,
 )
+from ..tokenizer import CpmBeeTokenizerBase
 from .jsonl import iter_jsonl
 from .shards import open_dataset
 
@@ -181,7 +183,7 @@ def _water_fill(lengths: Sequence[int], excess: int) -> list[int]:
 
 
 def fit_to_length(
-    tokenizer: Any, data: Any, max_length: int, *, length: int | None = None
+    tokenizer: CpmBeeTokenizerBase, data: Any, max_length: int, *, length: int | None = None
 ) -> tuple[Any, int]:
     """``data`` shortened to at most ``max_length`` tokens by the truncation policy; returns it and the
     number of tokens removed (0: ``data`` itself is returned unchanged).
@@ -213,7 +215,7 @@ def fit_to_length(
 
 # ---------------------------------------------------------------------------------------------------- batches
 def _encode_rows(
-    tokenizer: Any,
+    tokenizer: CpmBeeTokenizerBase,
     samples: Sequence[Any],
     max_length: int,
     truncation: bool,
@@ -249,7 +251,9 @@ def _encode_rows(
     return rows, truncated
 
 
-def _batch(tokenizer: Any, rows: list[list[Any]], pad_to_multiple_of: int | None) -> TrainingBatch:
+def _batch(
+    tokenizer: CpmBeeTokenizerBase, rows: list[list[Any]], pad_to_multiple_of: int | None
+) -> TrainingBatch:
     width = None
     if pad_to_multiple_of:
         longest = max(sum(len(inst) for inst in row) for row in rows)
@@ -267,7 +271,7 @@ def _check_options(max_length: int, pad_to_multiple_of: int | None) -> None:
 
 
 def prepare_for_finetune(
-    tokenizer: Any,
+    tokenizer: CpmBeeTokenizerBase,
     data: Any,
     max_length: int = 2048,
     *,
@@ -304,7 +308,7 @@ def prepare_for_finetune(
         return batch
     from transformers import BatchEncoding
 
-    return BatchEncoding(batch.model_inputs())
+    return BatchEncoding(dict(batch.model_inputs()))
 
 
 class FinetuneCollator:
@@ -319,7 +323,7 @@ class FinetuneCollator:
 
     def __init__(
         self,
-        tokenizer: Any,
+        tokenizer: CpmBeeTokenizerBase,
         max_length: int = 2048,
         *,
         truncation: bool = True,
@@ -355,12 +359,14 @@ class FinetuneCollator:
         self.truncated += truncated
         return _batch(self.tokenizer, rows, self.pad_to_multiple_of)
 
-    def __call__(self, samples: Any) -> dict[str, Any]:
+    def __call__(self, samples: Any) -> CpmBeeBatch:
         return self.encode(samples).model_inputs()
 
 
 # ---------------------------------------------------------------------------------------------------- runs
-def scan_samples(tokenizer: Any, samples: list[Any], max_length: int, name: str) -> dict[str, int]:
+def scan_samples(
+    tokenizer: CpmBeeTokenizerBase, samples: list[Any], max_length: int, name: str
+) -> dict[str, int]:
     """Encode every sample once: fail early on bad data (naming ``name`` and the 1-based sample number),
     count tokens and the samples that truncation will shorten."""
     tokens = truncated = 0

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..prompt import DEFAULT_MAX_DEPTH, TrainingBatch, TrainingSample
 from ..rng import rng_from_json, rng_to_json
+from ..tokenizer import CpmBeeTokenizerBase
 from .packing import BatchPacker, InstanceBuilder, _Row
 from .shards import BlockCursor, BlockSource, _seed, open_dataset, redeal
 from .transforms import validate_template
@@ -263,7 +264,7 @@ class MixedStream:
     def __init__(
         self,
         config_path: str | os.PathLike,
-        tokenizer: Any,
+        tokenizer: CpmBeeTokenizerBase,
         *,
         max_length: int,
         batch_size: int,

@@ -27,6 +27,7 @@ from ..prompt import (
     join_samples,
     make_training_batch,
 )
+from ..tokenizer import CpmBeeTokenizerBase
 from .transforms import apply_transform
 
 __all__ = ["BatchPacker", "InstanceBuilder", "Transform"]
@@ -50,7 +51,7 @@ class InstanceBuilder:
             of reading forever from a dataset whose records never fit.
     """
 
-    tokenizer: Any
+    tokenizer: CpmBeeTokenizerBase
     max_length: int
     max_depth: int = DEFAULT_MAX_DEPTH
     rng: np.random.RandomState = field(default_factory=np.random.RandomState)

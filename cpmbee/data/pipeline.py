@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..prompt import DEFAULT_MAX_DEPTH
+from ..tokenizer import CpmBeeTokenizerBase
 from .mixture import MixedStream, StreamOutput, load_mixture_config, reshard_states
 from .shards import _seed, open_dataset
 
@@ -37,7 +39,7 @@ class PipelineBatch(StreamOutput):
 @dataclass
 class _StreamSpec:
     config_path: str
-    tokenizer: Any
+    tokenizer: CpmBeeTokenizerBase
     max_length: int
     batch_size: int
     num_streams: int
@@ -119,7 +121,7 @@ class DataPipeline:
     def __init__(
         self,
         config_path: str | os.PathLike,
-        tokenizer: Any,
+        tokenizer: CpmBeeTokenizerBase,
         *,
         max_length: int,
         batch_size: int,
@@ -127,7 +129,7 @@ class DataPipeline:
         world_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
-        max_depth: int = 8,
+        max_depth: int = DEFAULT_MAX_DEPTH,
         state: Mapping[str, Any] | None = None,
         resume_step: int = 0,
         prefetch: int = 2,
@@ -163,7 +165,9 @@ class DataPipeline:
         offset = self.consumed % self.per_rank
         self._stream: MixedStream | None
         if num_workers == 0:
-            self._stream = self.spec.build(self.first, states[0], restore_rows, stream_seed)
+            self._stream: MixedStream | None = self.spec.build(
+                self.first, states[0], restore_rows, stream_seed
+            )
             self._iter: Iterator[Any] | None = None
         else:
             self._stream = None
@@ -201,9 +205,7 @@ class DataPipeline:
         self._iter = None
 
 
-def gather_state(
-    parts: list[Mapping[str, Any]], world_size: int, per_rank: int, spec_seed: int = 0
-) -> dict[str, Any]:
+def gather_state(parts: list[Mapping[str, Any]], world_size: int, per_rank: int) -> dict[str, Any]:
     """Combine every rank's ``state_dict()`` into the global state that ``DataPipeline(state=...)`` takes."""
     streams: dict[int, Any] = {}
     for p in parts:

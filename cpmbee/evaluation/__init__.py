@@ -2,7 +2,7 @@
 
 * ``likelihood`` — the answer scorer (batched forwards through ``AnswerObjective``) and fine-tuning's
   ``evaluate``;
-* ``metrics`` — exact match and token F1 (character-level for CJK), parsing generated answers to options;
+* ``answer_metrics`` — exact match and token F1 (character-level for CJK), parsing generated answers to options;
 * ``perplexity`` — plain text as CPM-Bee LM input, token-level NLL;
 * ``tasks`` — ``run_task``, behind ``cpmbee eval``: task files, kinds, the JSON report and its table;
 * ``converters`` — ZeroCLUE / English benchmark rows → CPM-Bee prompts;

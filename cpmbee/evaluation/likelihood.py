@@ -38,6 +38,7 @@ import torch
 
 from ..data.finetune import FinetuneCollator, choice_candidates
 from ..distributed import all_reduce
+from ..inputs import to_device
 from ..prompt import ANSWER_KEY
 
 __all__ = ["AnswerScore", "best_candidate", "candidate_samples", "evaluate", "score_answers", "score_batch"]
@@ -104,7 +105,7 @@ def score_answers(
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            batch = {k: t.to(device) for k, t in collator([samples[i] for i in chunk]).items()}
+            batch = to_device(collator([samples[i] for i in chunk]), device)
             for i, score in zip(chunk, score_batch(objective, batch)):
                 results[i] = score
             if progress is not None:
@@ -195,7 +196,7 @@ def evaluate(
         for k in range(int(count.item())):
             real = k < len(batches)
             chunk = batches[k] if real else filler
-            batch = {n: t.to(device) for n, t in collator([r.data for r in chunk]).items()}
+            batch = to_device(collator([r.data for r in chunk]), device)
             scores = score_batch(objective, batch)
             if real:
                 for row, score in zip(chunk, scores):
@@ -208,6 +209,7 @@ def evaluate(
             gold = -1
         else:
             candidates = choice_candidates(samples[index])
+            assert candidates is not None  # a choice sample: its rows were built from these candidates
             gold = candidates.index(samples[index][ANSWER_KEY])
             totals[4] += best_candidate(results[c].nll() for c in range(len(results))) == gold
             totals[5] += 1

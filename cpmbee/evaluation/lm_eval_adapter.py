@@ -48,7 +48,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "cpmbee.evaluation.lm_eval_adapter needs lm-evaluation-harness: pip install 'cpmbee[eval]'"
     ) from err
 
-from ..tokenizer import SPECIAL, escape, unescape
+from ..model import CpmBeeForCausalLMBase
+from ..tokenizer import SPECIAL, CpmBeeTokenizerBase, escape, unescape
 from .likelihood import score_answers
 from .perplexity import score_texts
 
@@ -64,7 +65,7 @@ def to_bee_input(context: str, continuation: str) -> dict[str, str]:
     return {"input": escape(context), "<ans>": escape(continuation)}
 
 
-def _keep_tail(tokenizer: Any, text: str, tokens: int) -> str:
+def _keep_tail(tokenizer: CpmBeeTokenizerBase, text: str, tokens: int) -> str:
     """The last ``tokens`` tokens of escaped ``text`` (cut on a token boundary, still escaped)."""
     pieces = tokenizer.pieces(text)
     if len(pieces) <= tokens:
@@ -92,8 +93,8 @@ class CpmBeeLM(LM):
         self,
         pretrained: str | None = None,
         *,
-        model: Any = None,
-        tokenizer: Any = None,
+        model: CpmBeeForCausalLMBase | None = None,
+        tokenizer: CpmBeeTokenizerBase | None = None,
         batch_size: int | str = 8,
         device: str | None = None,
         dtype: str | None = None,
@@ -118,13 +119,15 @@ class CpmBeeLM(LM):
             model, tokenizer = load_model_and_tokenizer(pretrained, device=device, dtype=dtype)
         elif pretrained is not None:
             raise ValueError("pretrained: give a path or a loaded model, not both")
-        self.model = model.eval()
-        self.tokenizer = tokenizer
+        assert model is not None and tokenizer is not None
+        model.eval()
+        self.model: CpmBeeForCausalLMBase = model
+        self.tokenizer: CpmBeeTokenizerBase = tokenizer
         self.batch_size = 8 if str(batch_size).startswith("auto") else _positive("batch_size", batch_size)
         self.max_length = _positive("max_length", max_length)
         self.window = _positive("window", window)
         self.score_eos = str(score_eos).lower() in ("true", "1", "yes")
-        from ..train.objective import AnswerObjective
+        from ..objective import AnswerObjective
 
         self.objective = AnswerObjective(self.model, unk_id=tokenizer.unk_id)
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..data.finetune import FinetuneCollator
-from ..tokenizer import SPECIAL, escape
+from ..tokenizer import SPECIAL, CpmBeeTokenizerBase, escape
 from .likelihood import score_answers
 
 __all__ = ["TextScore", "score_texts", "summarize", "text_windows"]
@@ -42,7 +42,7 @@ class TextScore:
     chars: int
 
 
-def text_windows(tokenizer: Any, text: str, window: int) -> list[dict[str, str]]:
+def text_windows(tokenizer: CpmBeeTokenizerBase, text: str, window: int) -> list[dict[str, str]]:
     """The CPM-Bee samples that score ``text`` (unescaped plain text), as the module docstring describes."""
     if window < 1:
         raise ValueError(f"window must be positive, got {window}")
@@ -56,7 +56,7 @@ def text_windows(tokenizer: Any, text: str, window: int) -> list[dict[str, str]]
 
 def score_texts(
     objective: torch.nn.Module,
-    tokenizer: Any,
+    tokenizer: CpmBeeTokenizerBase,
     texts: Sequence[str],
     *,
     window: int = 256,

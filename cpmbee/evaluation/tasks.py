@@ -29,9 +29,13 @@ from typing import Any
 
 from ..data.finetune import FinetuneCollator, choice_candidates
 from ..data.jsonl import iter_jsonl
+from ..generation import generate
+from ..model import CpmBeeForCausalLMBase
+from ..objective import AnswerObjective
 from ..prompt import ANSWER_KEY
+from ..tokenizer import CpmBeeTokenizerBase
+from .answer_metrics import exact_match, parse_choice, token_f1
 from .likelihood import best_candidate, candidate_samples, score_answers
-from .metrics import exact_match, parse_choice, token_f1
 from .perplexity import score_texts, summarize
 
 __all__ = ["KINDS", "detect_kind", "format_table", "load_task", "run_task"]
@@ -96,17 +100,13 @@ def _check_records(kind: str, records: Sequence[Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- kinds
 def _generate(
-    model: Any,
-    tokenizer: Any,
+    model: CpmBeeForCausalLMBase,
+    tokenizer: CpmBeeTokenizerBase,
     samples: Sequence[Any],
     options: Mapping[str, Any],
     batch_size: int,
     progress: Progress,
 ) -> list[Any]:
-    try:
-        from ..generation import generate
-    except ImportError as err:  # pragma: no cover - only before cpmbee.generation exists
-        raise RuntimeError(f"generation scoring needs cpmbee.generation ({err})") from err
     out: list[Any] = []
     for start in range(0, len(samples), batch_size):
         chunk = list(samples[start : start + batch_size])
@@ -116,9 +116,9 @@ def _generate(
 
 
 def _run_choice(
-    objective: Any,
-    model: Any,
-    tokenizer: Any,
+    objective: AnswerObjective,
+    model: CpmBeeForCausalLMBase,
+    tokenizer: CpmBeeTokenizerBase,
     records: Sequence[Any],
     collator: FinetuneCollator,
     batch_size: int,
@@ -139,6 +139,7 @@ def _run_choice(
     offset = 0
     for record, filled in zip(records, rows):
         candidates = choice_candidates(record)
+        assert candidates is not None  # the records were sorted into this task kind by it
         mine = scores[offset : offset + len(filled)]  # type: ignore[arg-type]
         offset += len(filled)  # type: ignore[arg-type]
         gold = candidates.index(record[ANSWER_KEY])
@@ -190,9 +191,9 @@ def _answer_leaves(value: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ..
 
 
 def _run_generation(
-    objective: Any,
-    model: Any,
-    tokenizer: Any,
+    objective: AnswerObjective,
+    model: CpmBeeForCausalLMBase,
+    tokenizer: CpmBeeTokenizerBase,
     records: Sequence[Any],
     collator: FinetuneCollator,
     batch_size: int,
@@ -237,8 +238,8 @@ def _run_generation(
 
 
 def _run_perplexity(
-    objective: Any,
-    tokenizer: Any,
+    objective: AnswerObjective,
+    tokenizer: CpmBeeTokenizerBase,
     records: Sequence[Any],
     batch_size: int,
     window: int,
@@ -265,9 +266,33 @@ def _run_perplexity(
 
 
 # ---------------------------------------------------------------------------------------------------- entry
+class _ProgressBars:
+    """``bars(what, total)`` opens a tqdm bar (hidden unless ``show``) and returns its ``update``; all are
+    closed when the ``with`` block ends."""
+
+    def __init__(self, name: str, show: bool) -> None:
+        self.name, self.show = name, show
+        self.bars: list[Any] = []
+
+    def __call__(self, what: str, total: int) -> Progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total or None, desc=f"{self.name} {what}", unit="row", disable=not self.show)
+        self.bars.append(bar)
+        update: Progress = bar.update
+        return update
+
+    def __enter__(self) -> _ProgressBars:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for bar in self.bars:
+            bar.close()
+
+
 def run_task(
-    model: Any,
-    tokenizer: Any,
+    model: CpmBeeForCausalLMBase,
+    tokenizer: CpmBeeTokenizerBase,
     path: str | os.PathLike,
     *,
     kind: str = "auto",
@@ -296,8 +321,6 @@ def run_task(
         predictions: include per-example predictions in the entry.
         show_progress: a tqdm progress bar on stderr.
     """
-    from ..train.objective import AnswerObjective
-
     if kind not in (*KINDS, "auto"):
         raise ValueError(f"kind must be one of {[*KINDS, 'auto']}, got {kind!r}")
     if batch_size < 1:
@@ -305,44 +328,21 @@ def run_task(
     records = load_task(path, limit=limit)
     resolved = detect_kind(records) if kind == "auto" else kind
     _check_records(resolved, records)
-    generation = dict(generation or {})
-
-    bars: list[Any] = []
-
-    def progress(what: str, total: int) -> Progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=total or None, desc=f"{Path(path).stem} {what}", unit="row", disable=not show_progress
-        )
-        bars.append(bar)
-        return bar.update
-
+    options = dict(generation or {})
     objective = AnswerObjective(model, unk_id=tokenizer.unk_id)
     collator = FinetuneCollator(tokenizer, max_length=max_length)
     start = time.perf_counter()
-    try:
+    with _ProgressBars(Path(path).stem, show_progress) as progress:
         if resolved == "choice":
             result = _run_choice(
-                objective,
-                model,
-                tokenizer,
-                records,
-                collator,
-                batch_size,
-                by_generation,
-                generation,
-                progress,
+                objective, model, tokenizer, records, collator, batch_size, by_generation, options, progress
             )
         elif resolved == "generation":
             result = _run_generation(
-                objective, model, tokenizer, records, collator, batch_size, generation, progress
+                objective, model, tokenizer, records, collator, batch_size, options, progress
             )
         else:
             result = _run_perplexity(objective, tokenizer, records, batch_size, window, progress)
-    finally:
-        for bar in bars:
-            bar.close()
     metrics, counts, per_example, timing = result
     elapsed = time.perf_counter() - start
     timing.update(total_s=elapsed, examples_per_s=len(records) / elapsed if elapsed else float("inf"))

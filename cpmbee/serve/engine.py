@@ -42,8 +42,8 @@ from typing import Any
 import torch
 
 from ..generation import GenerationOptions, generate, stream_generate
-from ..model import CpmBeeForCausalLM
-from ..tokenizer import CpmBeeTokenizer
+from ..model import CpmBeeForCausalLMBase
+from ..tokenizer import CpmBeeTokenizerBase
 from .metrics import ServeMetrics
 
 __all__ = ["Engine", "Job", "JobDone", "JobFailed", "QueueFull", "RowDone", "TextDelta", "options_key"]
@@ -148,8 +148,8 @@ class Engine:
 
     def __init__(
         self,
-        model: CpmBeeForCausalLM,
-        tokenizer: CpmBeeTokenizer,
+        model: CpmBeeForCausalLMBase,
+        tokenizer: CpmBeeTokenizerBase,
         *,
         max_queue: int = 64,
         max_batch_rows: int = 16,
@@ -377,7 +377,7 @@ class Engine:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             return
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         num_segments = kwargs.get("num_segments")
         if cache is None or len(cache) == 0:
             real = num_segments > 0 if num_segments is not None else input_ids >= 0

@@ -9,7 +9,7 @@ import socket
 from typing import Any
 
 from ..api import load_model_and_tokenizer
-from ..model import CpmBeeForCausalLM
+from ..model import CpmBeeForCausalLMBase
 from ..web import bind_socket, uvicorn_server
 from .engine import Engine
 from .metrics import ServeMetrics
@@ -23,7 +23,7 @@ class WorkerDied(RuntimeError):
     """The generation worker died; ``run_server`` stopped the server (a supervisor should restart it)."""
 
 
-def describe_model(model: CpmBeeForCausalLM) -> dict[str, Any]:
+def describe_model(model: CpmBeeForCausalLMBase) -> dict[str, Any]:
     """Facts about a loaded model for ``/health``: parameters, dtype, placement and quantization."""
     params = list(model.parameters())
     device_map = getattr(model, "hf_device_map", None)
@@ -53,6 +53,7 @@ def load_engine(
     max_batch_rows: int = 16,
     batch_wait_s: float = 0.005,
     compile: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[Engine, dict[str, Any]]:
     """Load a model (``None``: the embedded default model) and wrap it in a batching ``Engine``.
 
@@ -74,7 +75,13 @@ def load_engine(
 
         dispatch = {"max_memory": parse_memory_limit(memory_limit), "offload_folder": offload_folder}
     model, tokenizer = load_model_and_tokenizer(
-        model_path, device=device, dtype=dtype, quantize=quantize, compile=compile, **dispatch
+        model_path,
+        device=device,
+        dtype=dtype,
+        quantize=quantize,
+        compile=compile,
+        attn_implementation=attn_implementation,
+        **dispatch,
     )
     if compile:
         from ..generation import generate

@@ -33,11 +33,12 @@ import torch
 from ..data.finetune import FinetuneCollator, GlobalBatchOrder, read_jsonl, scan_samples
 from ..evaluation.likelihood import evaluate
 from ..files import atomic_directory
+from ..inputs import to_device
+from ..objective import AnswerObjective
 from .checkpointing import CheckpointManager
 from .finetune_args import FinetuneArgs
 from .metrics import ConsoleSink, JsonlSink, MetricsLogger, TensorBoardSink
 from .monitor import memory_gb
-from .objective import AnswerObjective
 from .rundir import RunDirectory
 from .schedule import build_scheduler
 
@@ -105,8 +106,7 @@ class _Finetune:
     def load(self) -> None:
         from ..checkpoint import load_model
         from ..config import CpmBeeConfig
-        from ..model import CpmBeeForCausalLM
-        from ..tokenizer import CpmBeeTokenizer
+        from ..hf import CpmBeeForCausalLM, CpmBeeTokenizer
 
         args = self.args
         vocab = args.vocab
@@ -134,9 +134,9 @@ class _Finetune:
                 )
             model = CpmBeeForCausalLM(config)
             if args.method == "lora" and args.dtype:
-                from ..checkpoint import _resolve_dtype
+                from ..dtypes import torch_dtype
 
-                model.to(_resolve_dtype(args.dtype))
+                model.to(torch_dtype(args.dtype))
         self.model_info["parameters"] = sum(p.numel() for p in model.parameters())
         model.train()
         if args.gradient_checkpointing:
@@ -300,7 +300,7 @@ class _Finetune:
             if self.collator.rng is not None:  # answer shuffles keyed to the position: exact on resume
                 self.collator.rng.seed((self.args.seed * 1_000_003 + micro) % 2**32)
             batch = self.collator([self.train_samples[i] for i in picked])
-            out.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
+            out.append(to_device(batch, self.accelerator.device))
         return out
 
     def _sum(self, *values: float) -> list[float]:

@@ -60,7 +60,7 @@ def _build_model(config: PretrainConfig) -> tuple[Any, str]:
     """The model (float32 unless configured) and the vocabulary file."""
     from ..checkpoint import load_model
     from ..config import CpmBeeConfig
-    from ..model import CpmBeeForCausalLM
+    from ..hf import CpmBeeForCausalLM
 
     dtype = getattr(torch, config.model.dtype)
     if config.model.path is not None:
@@ -96,7 +96,7 @@ class _Run:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from ..tokenizer import CpmBeeTokenizer
+        from ..hf import CpmBeeTokenizer
 
         self.config = config
         if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -166,7 +166,7 @@ class _Run:
             self.resumed_from = str(path)
             self.saved_step = self.step
 
-        from .objective import AnswerObjective
+        from ..objective import AnswerObjective
 
         # the objective wraps the model so DDP/FSDP see one module; logits only where there are labels
         self.model, self.optimizer = self.acc.prepare(

@@ -3,7 +3,8 @@
 ``CpmBeeForCausalLM(**batch).loss`` computes logits over the whole vocabulary (86,583 columns) at every
 position, although fine-tuning labels only the answer tokens (2 of ~60 tokens in CCPM). ``AnswerObjective``
 runs the transformer, gathers the hidden states at labelled positions and projects only those: the same
-loss (tested) for a fraction of the projection's time and memory. Fine-tuning and pre-training both use it.
+loss (tested) for a fraction of the projection's time and memory. Fine-tuning, pre-training and the likelihood
+scorer of evaluation (``cpmbee.evaluation.likelihood``) use it.
 
 It is an ``nn.Module`` wrapping the (plain or PEFT) model, so ``accelerator.prepare`` can wrap *it* in
 DDP/FSDP and every forward goes through the wrapper. It returns *sums* (loss, tokens), so the trainer can
@@ -12,18 +13,19 @@ normalize by the token count of the whole optimizer step across processes and ac
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generation import allowed_output_columns
-from ..prompt import TrainingBatch
+from .generation import allowed_output_columns
+from .inputs import BATCH_NAMES
+from .model import CpmBeeForCausalLMBase
 
 __all__ = ["AnswerObjective"]
 
-BATCH_KEYS = TrainingBatch.TENSOR_FIELDS  # what make_training_batch / the collators produce
+BATCH_KEYS = BATCH_NAMES  # what make_training_batch / the collators may produce
 
 
 class AnswerObjective(nn.Module):
@@ -40,9 +42,10 @@ class AnswerObjective(nn.Module):
         self.unk_id = unk_id
 
     @property
-    def lm(self) -> nn.Module:
+    def lm(self) -> CpmBeeForCausalLMBase:
         """The ``CpmBeeForCausalLM`` inside (adapters, if any, stay injected in its layers)."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        get_base_model = getattr(self.model, "get_base_model", None)
+        return cast(CpmBeeForCausalLMBase, get_base_model() if get_base_model is not None else self.model)
 
     def forward(
         self,
@@ -66,18 +69,8 @@ class AnswerObjective(nn.Module):
             raise ValueError(f"unexpected batch keys {sorted(unknown)}")
         lm = self.lm
         labels = batch["labels"]
-        hidden = lm.cpmbee(
-            batch["input_ids"],
-            input_id_sub=batch["input_id_sub"],
-            context=batch["context"],
-            sample_ids=batch["sample_ids"],
-            num_segments=batch["num_segments"],
-            segment=batch["segment"],
-            segment_rel_offset=batch["segment_rel_offset"],
-            segment_rel=batch["segment_rel"],
-            span=batch["span"],
-            length=batch["length"],
-        ).last_hidden_state  # (B, L, D)
+        inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+        hidden = lm.cpmbee(batch["input_ids"], **inputs).last_hidden_state  # (B, L, D)
         mask = labels != -100  # (B, L)
         picked = hidden[mask]  # (N, D)
         logits = lm.cpmbee.input_embedding(
