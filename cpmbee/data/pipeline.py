@@ -165,9 +165,7 @@ class DataPipeline:
         offset = self.consumed % self.per_rank
         self._stream: MixedStream | None
         if num_workers == 0:
-            self._stream: MixedStream | None = self.spec.build(
-                self.first, states[0], restore_rows, stream_seed
-            )
+            self._stream = self.spec.build(self.first, states[0], restore_rows, stream_seed)
             self._iter: Iterator[Any] | None = None
         else:
             self._stream = None

@@ -101,6 +101,8 @@ class _Finetune:
         self.out = Path(args.out)
         self.rundir = RunDirectory(self.out)
         self.stop_requested = False
+        self.best: dict[str, Any] | None = None
+        self.bad_evals = 0
 
     # ------------------------------------------------------------------ set-up
     def load(self) -> None:
@@ -120,12 +122,13 @@ class _Finetune:
         torch.manual_seed(args.seed)
         if args.model:
             model = load_model(args.model, dtype=args.dtype if args.method == "lora" else "float32")
-            self.model_info = {"path": str(args.model)}
+            self.model_info: dict[str, object] = {"path": str(args.model)}
         else:
             if args.preset:
                 config = CpmBeeConfig.from_preset(args.preset, vocab_size=self.tokenizer.vocab_size)
                 self.model_info = {"preset": args.preset}
             else:
+                assert args.config is not None  # validate(): one of model, preset, config
                 config = CpmBeeConfig.from_json_file(args.config)
                 self.model_info = {"config": str(args.config)}
             if config.vocab_size != self.tokenizer.vocab_size:
@@ -136,7 +139,9 @@ class _Finetune:
             if args.method == "lora" and args.dtype:
                 from ..dtypes import torch_dtype
 
-                model.to(torch_dtype(args.dtype))
+                lora_dtype = torch_dtype(args.dtype)
+                if lora_dtype is not None:
+                    torch.nn.Module.to(model, lora_dtype)
         self.model_info["parameters"] = sum(p.numel() for p in model.parameters())
         model.train()
         if args.gradient_checkpointing:
@@ -152,11 +157,11 @@ class _Finetune:
         self.train_samples = read_jsonl(args.train)
         self.eval_samples = read_jsonl(args.eval)[: args.eval_max_samples] if args.eval else []
         self.data_stats = {
-            "train": scan_samples(self.tokenizer, self.train_samples, args.max_length, args.train)
+            "train": scan_samples(self.tokenizer, self.train_samples, args.max_length, str(args.train))
         }
         if self.eval_samples:
             self.data_stats["eval"] = scan_samples(
-                self.tokenizer, self.eval_samples, args.max_length, args.eval
+                self.tokenizer, self.eval_samples, args.max_length, str(args.eval)
             )
         self.collator = FinetuneCollator(
             self.tokenizer,
@@ -444,7 +449,7 @@ class _Finetune:
         self.accelerator.wait_for_everyone()
         self.load()
         self.step = self.micro = self.tokens_seen = 0
-        self.best: dict[str, Any] | None = None
+        self.best = None
         self.bad_evals = 0
         info = self.restore()
         changed: dict[str, Any] = {}

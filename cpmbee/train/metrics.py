@@ -51,8 +51,11 @@ def _to_json_value(value: Any) -> Any:
 def decode_line(line: str | bytes) -> Any:
     """One JSONL line; the non-finite encoding is undone only where the line can contain it (fast path)."""
     record = json.loads(line)
-    marks = ('"NaN"', 'Infinity"') if isinstance(line, str) else (b'"NaN"', b'Infinity"')
-    if marks[0] in line or marks[1] in line:
+    if isinstance(line, str):
+        marked = '"NaN"' in line or 'Infinity"' in line
+    else:
+        marked = b'"NaN"' in line or b'Infinity"' in line
+    if marked:
         record = from_json_value(record)
     return record
 

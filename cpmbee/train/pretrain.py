@@ -67,9 +67,9 @@ def _build_model(config: PretrainConfig) -> tuple[Any, str]:
         vocab = config.model.vocab or str(Path(config.model.path) / "vocab.txt")
         model = load_model(config.model.path, dtype=dtype)
     else:
-        vocab = config.model.vocab
-        if vocab is None:
+        if config.model.vocab is None or config.model.preset is None:
             raise ValueError("model.vocab: a vocab.txt is required when the model comes from a preset")
+        vocab = config.model.vocab
         try:
             model_config = CpmBeeConfig.from_preset(config.model.preset, **config.model.overrides)
         except TypeError as err:
@@ -82,7 +82,8 @@ def _build_model(config: PretrainConfig) -> tuple[Any, str]:
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)

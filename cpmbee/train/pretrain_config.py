@@ -145,11 +145,13 @@ class PretrainConfig(_Section):
         return self
 
 
-def _resolve(base: Path, value: str | None) -> str | None:
-    if value is None:
-        return None
+def _resolve(base: Path, value: str) -> str:
     p = Path(value).expanduser()
     return os.path.normpath(p if p.is_absolute() else (base / p))
+
+
+def _resolve_optional(base: Path, value: str | None) -> str | None:
+    return None if value is None else _resolve(base, value)
 
 
 def load_pretrain_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> PretrainConfig:
@@ -186,8 +188,8 @@ def load_pretrain_config(path: str | os.PathLike, overrides: dict[str, Any] | No
     base = path.resolve().parent
     config.run_dir = _resolve(base, config.run_dir)
     config.data.config = _resolve(base, config.data.config)
-    config.model.path = _resolve(base, config.model.path)
-    config.model.vocab = _resolve(base, config.model.vocab)
+    config.model.path = _resolve_optional(base, config.model.path)
+    config.model.vocab = _resolve_optional(base, config.model.vocab)
     if config.checkpoint.resume not in ("auto", "never"):
         config.checkpoint.resume = _resolve(base, config.checkpoint.resume)
     return config

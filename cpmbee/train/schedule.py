@@ -48,7 +48,7 @@ def lr_multiplier(
     def decay(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return warm(step)
-        span = max(total_steps - warmup_steps, 1)
+        span = max((total_steps or 0) - warmup_steps, 1)
         progress = min(max(step - warmup_steps, 0) / span, 1.0)
         shape = 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
         return min_ratio + (1.0 - min_ratio) * shape
