@@ -43,46 +43,20 @@ _COMMON = {
     "dropout_p": 0.0,
 }
 
+# The 10B's outer shape, shared by the pruned 5B/2B/1B (they differ in head and FFN widths and mask modules).
+_BEE_48_LAYERS: dict[str, Any] = {
+    **_COMMON,
+    "hidden_size": 4096,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "half": True,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpm-bee-10b": {
-        **_COMMON,
-        "hidden_size": 4096,
-        "num_hidden_layers": 48,
-        "num_attention_heads": 32,
-        "dim_head": 128,
-        "dim_ff": 10240,
-        "half": True,
-    },
-    "cpm-bee-5b": {
-        **_COMMON,
-        "hidden_size": 4096,
-        "num_hidden_layers": 48,
-        "num_attention_heads": 32,
-        "dim_head": 128,
-        "dim_ff": 10240,
-        "half": True,
-        "mask_modules": PRUNED_MASK_MODULES,
-    },
-    "cpm-bee-2b": {
-        **_COMMON,
-        "hidden_size": 4096,
-        "num_hidden_layers": 48,
-        "num_attention_heads": 32,
-        "dim_head": 64,
-        "dim_ff": 5120,
-        "half": True,
-        "mask_modules": PRUNED_MASK_MODULES,
-    },
-    "cpm-bee-1b": {
-        **_COMMON,
-        "hidden_size": 4096,
-        "num_hidden_layers": 48,
-        "num_attention_heads": 32,
-        "dim_head": 40,
-        "dim_ff": 1024,
-        "half": True,
-        "mask_modules": PRUNED_MASK_MODULES,
-    },
+    "cpm-bee-10b": {**_BEE_48_LAYERS, "dim_head": 128, "dim_ff": 10240},
+    "cpm-bee-5b": {**_BEE_48_LAYERS, "dim_head": 128, "dim_ff": 10240, "mask_modules": PRUNED_MASK_MODULES},
+    "cpm-bee-2b": {**_BEE_48_LAYERS, "dim_head": 64, "dim_ff": 5120, "mask_modules": PRUNED_MASK_MODULES},
+    "cpm-bee-1b": {**_BEE_48_LAYERS, "dim_head": 40, "dim_ff": 1024, "mask_modules": PRUNED_MASK_MODULES},
     # The research shape of the official `cpm-bee-3b.json` (its vocabulary is 3 entries shorter).
     "cpm-bee-3b": {
         **_COMMON,
